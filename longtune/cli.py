@@ -1,0 +1,160 @@
+"""`longtune` command line: one subcommand per job, all sharing the config loader.
+
+Every subcommand takes ``--config FILE``, ``--print-config`` and dotted overrides
+(``train.max_steps=50``). A few common settings also have flags of their own; a flag is
+only a spelling of an override, so the config stays the single source of truth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from longtune.config import Config, ConfigError, load_config
+
+
+class NotImplementedYet(RuntimeError):
+    """A job whose issue is still open; the CLI exits 2 and says so."""
+
+
+@dataclass(frozen=True)
+class Flag:
+    name: str
+    key: str
+    help: str
+    type: Callable[[str], object] = str
+    nargs: str | None = None
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    issue: int  # the issue that delivers it, named while it is still open
+    run: str | None = None  # "module:function", imported only when run (keeps --help fast)
+    flags: tuple[Flag, ...] = field(default_factory=tuple)
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command(
+        "prepare",
+        "tokenize and pack a corpus into context-length blocks (parquet + manifest)",
+        4,
+        flags=(
+            Flag("--source", "data.sources", "path, glob or URI of documents", nargs="+"),
+            Flag("--tokenizer", "data.tokenizer", "tokenizer name or path"),
+            Flag("--context-length", "data.context_length", "block length in tokens", int),
+            Flag("--out", "data.prepared_path", "where to write the prepared dataset"),
+        ),
+    ),
+    Command(
+        "finetune",
+        "extend a model's context with LongLoRA / LoRA² on Ray Train",
+        5,
+    ),
+    Command(
+        "evaluate",
+        "perplexity by context length and passkey retrieval, full attention",
+        6,
+        flags=(
+            Flag("--model", "model.name_or_path", "base model (hub id or path)"),
+            Flag("--adapter", "eval.adapter_path", "adapter directory to apply"),
+            Flag("--lengths", "eval.lengths", "context lengths to score", int, "+"),
+        ),
+    ),
+    Command(
+        "tune",
+        "Ray Tune search over group size, rank, adapter type and learning rate",
+        8,
+    ),
+    Command(
+        "export",
+        "merge an adapter into its base model and save a plain Hugging Face model",
+        6,
+    ),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="longtune",
+        description="Fine-tune language models to far longer context windows "
+        "(LongLoRA S2-Attn + LoRA+, LoRA²) on Ray, tracked in MLflow.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for cmd in COMMANDS:
+        add_command_arguments(sub.add_parser(cmd.name, help=cmd.help, description=cmd.help), cmd)
+    return parser
+
+
+def add_command_arguments(parser: argparse.ArgumentParser, cmd: Command) -> None:
+    parser.add_argument("--config", metavar="FILE", help="YAML config (defaults otherwise)")
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config and exit"
+    )
+    for flag in cmd.flags:
+        parser.add_argument(
+            flag.name, dest=flag.key, type=flag.type, nargs=flag.nargs, help=f"{flag.help} ({flag.key})"
+        )
+    # Overrides are collected from the leftover arguments (see main): a `nargs="*"`
+    # positional beside `nargs="+"` flags makes argparse misread `--source a b x=1`.
+    parser.usage = f"%(prog)s [options] [KEY=VALUE ...]"
+    parser.epilog = "KEY=VALUE: dotted config overrides, e.g. train.max_steps=50 adapter.rank=16"
+
+
+def resolve_config(args: argparse.Namespace, cmd: Command) -> Config:
+    overrides = list(args.overrides)
+    for flag in cmd.flags:
+        value = getattr(args, flag.key)
+        if value is not None:
+            text = "[" + ", ".join(map(str, value)) + "]" if isinstance(value, list) else value
+            overrides.append(f"{flag.key}={text}")
+    return load_config(args.config, overrides)
+
+
+def run_command(cmd: Command, config: Config) -> int:
+    import importlib
+
+    if cmd.run is None:
+        raise NotImplementedYet(
+            f"longtune {cmd.name}: not implemented yet (issue #{cmd.issue} is open)"
+        )
+    module_name, _, func_name = cmd.run.partition(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    return int(func(config) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    cmd = next(c for c in COMMANDS if c.name == args.command)
+    bad = [a for a in extra if a.startswith("-") or "=" not in a]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides look like KEY=VALUE)")
+    args.overrides = extra
+    try:
+        config = resolve_config(args, cmd)
+        if args.print_config:
+            sys.stdout.write(config.to_yaml())
+            return 0
+        return run_command(cmd, config)
+    except ConfigError as err:
+        print(f"longtune {cmd.name}: config error: {err}", file=sys.stderr)
+        return 2
+    except NotImplementedYet as err:
+        print(str(err), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"longtune {cmd.name}: interrupted", file=sys.stderr)
+        return 130
+
+
+def job_main(name: str) -> None:
+    """Entry point of pipelines/<name>.py: ``longtune <name>`` with the script's arguments."""
+    sys.exit(main([name, *sys.argv[1:]]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

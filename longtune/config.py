@@ -1,0 +1,485 @@
+"""One typed configuration for every longtune job.
+
+Defaults live here and nowhere else. A job's config is built from three layers, later
+ones winning: these defaults, a YAML file (``--config``), dotted command-line overrides
+(``train.max_steps=50 adapter.rank=16``). Unknown keys are errors; every validation error
+names the field, the bad value and what is allowed, and is raised as ``ConfigError`` before
+Ray or any model is touched.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SEED_MODEL = "longtune/seed"
+"""Model name that selects the small Llama longtune builds itself (the embedded default)."""
+
+STDLIB_CORPUS = "stdlib"
+"""Data source that selects the Python standard library's own source files."""
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the user in one line."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+def _in_unit_interval(name: str, value: float, *, closed_low: bool = False) -> float:
+    low_ok = value >= 0 if closed_low else value > 0
+    if not (low_ok and value <= 1):
+        bracket = "[" if closed_low else "("
+        raise ValueError(f"{name} must be in {bracket}0, 1], got {value}")
+    return value
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field(
+        SEED_MODEL,
+        description=f"Hub id or local path of the base causal LM; `{SEED_MODEL}` builds the "
+        "embedded seed model.",
+    )
+    target_context: int = Field(
+        1024, gt=0, description="Context length to extend the model to, in tokens."
+    )
+    original_context: int | None = Field(
+        None,
+        gt=0,
+        description="The base model's trained context; read from its config when unset.",
+    )
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight dtype: auto = bfloat16 on GPU, float32 on CPU."
+    )
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward.")
+    cache_dir: str | None = Field(
+        None,
+        description="Where the seed model is built and cached (default ~/.cache/longtune).",
+    )
+
+
+class DataConfig(_Section):
+    sources: list[str] = Field(
+        default_factory=lambda: [STDLIB_CORPUS],
+        description="Documents to train on: paths, globs or s3:// / gs:// URIs of text dirs, "
+        f".jsonl/.json or .parquet files; `{STDLIB_CORPUS}` = the Python standard library.",
+    )
+    prepared_path: str | None = Field(
+        None,
+        description="A dataset written by `longtune prepare`; when set, `sources` are not read.",
+    )
+    text_field: str = Field("text", description="Text field of .jsonl/.json/.parquet records.")
+    tokenizer: str | None = Field(
+        None, description="Tokenizer name or path; the model's own when unset."
+    )
+    context_length: int | None = Field(
+        None, gt=0, description="Block length in tokens; model.target_context when unset."
+    )
+    position_ids: Literal["document", "continuous"] = Field(
+        "document",
+        description="document: positions restart at each document start in a block; "
+        "continuous: one range per block.",
+    )
+    remainder: Literal["drop", "pad"] = Field(
+        "drop", description="What to do with the last, partial block: drop it or pad it."
+    )
+    min_doc_chars: int = Field(
+        8000, ge=0, description="Documents shorter than this many characters are skipped."
+    )
+    max_doc_chars: int = Field(
+        20_000_000,
+        gt=0,
+        description="Documents longer than this are skipped and counted, not tokenized.",
+    )
+    max_documents: int | None = Field(None, gt=0, description="Read at most this many documents.")
+    eval_fraction: float = Field(
+        0.05, ge=0, lt=1, description="Share of documents held out for evaluation."
+    )
+    tokenize_concurrency: int = Field(
+        1, gt=0, description="Tokenizer actors in the Ray Data actor pool."
+    )
+    tokenize_batch_size: int = Field(16, gt=0, description="Documents per tokenizer batch.")
+
+    @field_validator("sources")
+    @classmethod
+    def _sources_not_empty(cls, value: list[str]) -> list[str]:
+        if not value or any(not s.strip() for s in value):
+            raise ValueError("data.sources must list at least one non-empty path or URI")
+        return value
+
+
+class AttentionConfig(_Section):
+    type: Literal["s2", "full"] = Field(
+        "s2", description="Training attention: s2 = shifted sparse attention, full = causal."
+    )
+    group_size_ratio: float = Field(
+        0.25, description="S2-Attn group size as a fraction of the sequence length."
+    )
+    group_size: int | None = Field(
+        None, gt=1, description="Fixed S2-Attn group size in tokens (overrides the ratio)."
+    )
+    shift: Literal["split", "roll"] = Field(
+        "split",
+        description="split: shifted groups move by G/2, never look ahead; roll: the paper's "
+        "Algorithm 1 (wraps around, leaks future tokens; for reproduction only).",
+    )
+    backend: Literal["auto", "sdpa", "flash"] = Field(
+        "auto", description="auto = flash-attn on CUDA when installed, else torch SDPA."
+    )
+
+    @field_validator("group_size_ratio")
+    @classmethod
+    def _ratio(cls, value: float) -> float:
+        return _in_unit_interval("attention.group_size_ratio", value)
+
+    @field_validator("group_size")
+    @classmethod
+    def _even_group(cls, value: int | None) -> int | None:
+        if value is not None and value % 2:
+            raise ValueError(f"attention.group_size must be even (it is shifted by half), got {value}")
+        return value
+
+
+class Lora2Config(_Section):
+    outer_rank: int = Field(8, gt=0, description="Rank k of the outer LoRA planes (P and Q).")
+    target_rank: int = Field(4, gt=0, description="Singular values kept per layer on average.")
+    orth_reg_weight: float = Field(0.1, ge=0, description="Weight of the orthogonality penalty.")
+    beta1: float = Field(0.85, gt=0, lt=1, description="EMA factor of the sensitivity.")
+    beta2: float = Field(0.85, gt=0, lt=1, description="EMA factor of its uncertainty.")
+    tinit: int = Field(0, ge=0, description="Warm-up steps before pruning starts.")
+    tfinal: int = Field(0, ge=0, description="Steps at the end with the budget held at target.")
+    delta_t: int = Field(1, gt=0, description="Steps between budget updates.")
+
+
+class AdapterConfig(_Section):
+    type: Literal["lora_plus", "lora", "lora2"] = Field(
+        "lora_plus",
+        description="lora_plus: LongLoRA's LoRA with trainable embeddings and norms; "
+        "lora: plain LoRA; lora2: LoRA² (multi-scale orthogonal, rank-pruned).",
+    )
+    rank: int = Field(8, gt=0, description="LoRA rank r (LoRA²: initial inner rank).")
+    alpha: float = Field(16, gt=0, description="LoRA scaling alpha.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | None = Field(
+        None, description="Linear layers to adapt; the attention q/k/v/o projections when unset."
+    )
+    trainable_modules: list[str] | None = Field(
+        None,
+        description="Fully trained modules for lora_plus/lora2; embeddings and all norms when unset.",
+    )
+    use_rslora: bool = Field(False, description="PEFT rank-stabilized LoRA scaling.")
+    use_dora: bool = Field(False, description="PEFT weight-decomposed LoRA.")
+    init_lora_weights: bool | str = Field(True, description="PEFT init_lora_weights.")
+    lora2: Lora2Config = Field(default_factory=Lora2Config)
+
+
+class TrainConfig(_Section):
+    max_steps: int = Field(1000, gt=0, description="Optimizer steps.")
+    lr: float = Field(2e-5, gt=0, description="Peak learning rate (AdamW).")
+    warmup_steps: int = Field(20, ge=0, description="Linear warm-up, then constant.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    batch_size_per_worker: int = Field(1, gt=0, description="Blocks per micro-batch per worker.")
+    grad_accum_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null = off.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto = bf16 autocast where supported, else fp32."
+    )
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="Data parallel strategy.")
+    log_every: int = Field(10, gt=0, description="Log metrics every N steps.")
+    checkpoint_every: int = Field(200, gt=0, description="Checkpoint every M steps and at the end.")
+    seed: int = Field(0, description="Random seed.")
+    run_name: str | None = Field(
+        None, description="Ray Train run name; relaunching the same name resumes."
+    )
+    storage_path: str | None = Field(
+        None,
+        description="Checkpoint storage (local dir, s3://, gs://); ./outputs/ray when unset. "
+        "Multi-node runs need shared storage.",
+    )
+    max_failures: int = Field(2, ge=-1, description="Worker restarts before the run fails.")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, value: tuple[float, float]) -> tuple[float, float]:
+        for b in value:
+            if not 0 <= b < 1:
+                raise ValueError(f"train.betas must be two numbers in [0, 1), got {list(value)}")
+        return value
+
+
+class EvalConfig(_Section):
+    adapter_path: str | None = Field(
+        None, description="Adapter directory applied to model.name_or_path before scoring."
+    )
+    lengths: list[int] = Field(
+        default_factory=lambda: [256, 512, 1024], description="Context lengths to score."
+    )
+    stride: int = Field(256, gt=0, description="Sliding-window stride in tokens.")
+    max_eval_tokens: int = Field(
+        200_000, gt=0, description="Tokens of held-out text scored per length."
+    )
+    passkey_lengths: list[int] = Field(
+        default_factory=lambda: [256, 512, 1024], description="Passkey test lengths."
+    )
+    passkey_trials: int = Field(10, ge=0, description="Passkey trials per length.")
+    batch_size: int = Field(4, gt=0, description="Windows per forward pass.")
+
+    @field_validator("lengths", "passkey_lengths")
+    @classmethod
+    def _positive_lengths(cls, value: list[int]) -> list[int]:
+        if any(v <= 0 for v in value):
+            raise ValueError(f"lengths must be positive token counts, got {value}")
+        return value
+
+
+class TuneConfig(_Section):
+    num_samples: int = Field(6, gt=0, description="Trials to run.")
+    metric: str = Field("eval_loss", description="Objective reported by each trial.")
+    mode: Literal["min", "max"] = Field("min", description="Minimize or maximize the metric.")
+    search_alg: Literal["random", "optuna"] = Field("random", description="Search algorithm.")
+    max_concurrent_trials: int | None = Field(
+        None, gt=0, description="Trials at once; derived from cluster resources when unset."
+    )
+    grace_period: int = Field(10, gt=0, description="ASHA: steps before a trial may be stopped.")
+    reduction_factor: int = Field(2, gt=1, description="ASHA reduction factor.")
+    search_space: dict[str, Any] = Field(
+        default_factory=lambda: {
+            "attention.group_size_ratio": {"choice": [0.5, 0.25, 0.125]},
+            "adapter.rank": {"choice": [4, 8, 16, 32]},
+            "adapter.type": {"choice": ["lora_plus", "lora2"]},
+            "train.lr": {"loguniform": [1e-5, 1e-3]},
+        },
+        description="Dotted config key -> {choice: [...]} | {uniform: [lo, hi]} | "
+        "{loguniform: [lo, hi]}.",
+    )
+
+    @field_validator("search_space")
+    @classmethod
+    def _space(cls, value: dict[str, Any]) -> dict[str, Any]:
+        kinds = {"choice", "uniform", "loguniform"}
+        for key, spec in value.items():
+            if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in kinds:
+                raise ValueError(
+                    f"tune.search_space.{key} must be one of {{choice: [...]}}, "
+                    f"{{uniform: [lo, hi]}}, {{loguniform: [lo, hi]}}, got {spec!r}"
+                )
+        return value
+
+
+class TrackingConfig(_Section):
+    enabled: bool = Field(True, description="Log runs to MLflow.")
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI; $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db "
+        "in the working directory.",
+    )
+    experiment_name: str | None = Field(
+        None, description="MLflow experiment; $MLFLOW_EXPERIMENT_NAME, else `longtune`."
+    )
+    system_metrics: bool = Field(True, description="Log CPU/GPU/memory system metrics.")
+
+
+class ScalingConfig(_Section):
+    num_workers: int = Field(2, gt=0, description="Ray Train workers.")
+    use_gpu: bool | Literal["auto"] = Field(
+        "auto", description="One GPU per worker; auto = when the cluster has GPUs."
+    )
+    cpus_per_worker: float = Field(
+        0.5, gt=0, description="Logical CPUs each worker reserves (fractions leave Ray Data room)."
+    )
+    ray_address: str | None = Field(
+        None,
+        description="Ray cluster to join; $RAY_ADDRESS, else a local Ray is started.",
+    )
+    local_num_cpus: int | None = Field(
+        None,
+        gt=0,
+        description="Logical CPUs of a local Ray; enough for workers plus Ray Data when unset.",
+    )
+
+
+class Config(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    attention: AttentionConfig = Field(default_factory=AttentionConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Config":
+        if self.adapter.type == "lora2" and self.adapter.lora2.target_rank > self.adapter.rank:
+            raise ValueError(
+                f"adapter.lora2.target_rank must be <= adapter.rank ({self.adapter.rank}), "
+                f"got {self.adapter.lora2.target_rank}"
+            )
+        return self
+
+    @property
+    def context_length(self) -> int:
+        """Block length of training data: data.context_length, else model.target_context."""
+        return self.data.context_length or self.model.target_context
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted key -> leaf value (for MLflow params and Tune search spaces)."""
+        return flatten(self.to_dict())
+
+
+# ---------------------------------------------------------------- loading
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value and key != "search_space":
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, _, raw = item.partition("=")
+    parts = key.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"override key {key!r} must be dotted, like train.max_steps")
+    try:
+        # YAML scalars: 50 -> int, 1e-4 -> float, true -> bool, [a, b] -> list, null -> None.
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and _looks_like_float(value):
+        value = float(value)  # YAML 1.1 reads "1e-4" as a string
+    return parts, value
+
+
+def _looks_like_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        parts, value = _parse_override(item)
+        node = tree
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return tree
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    kind, msg = first["type"], first["msg"]
+    if kind == "extra_forbidden":
+        return f"unknown config key {loc!r}"
+    if kind == "value_error":
+        # Our validators already name the field and the value.
+        return msg.removeprefix("Value error, ")
+    got = first.get("input")
+    return f"{loc}: {msg[0].lower()}{msg[1:]}, got {got!r}" if loc else f"{msg}, got {got!r}"
+
+
+def _read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML{where}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
+    return data
+
+
+def from_dict(tree: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None
+) -> Config:
+    """Defaults <- YAML file <- dotted overrides, validated. Raises ConfigError."""
+    tree = _read_yaml(path) if path is not None else {}
+    apply_overrides(tree, list(overrides or []))
+    return from_dict(tree)
+
+
+def with_overrides(config: Config, overrides: dict[str, Any]) -> Config:
+    """A validated copy of ``config`` with dotted-key overrides (used by Tune trials)."""
+    tree = config.to_dict()
+    for key, value in overrides.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return from_dict(tree)
+
+
+# ---------------------------------------------------------------- reference docs
+
+
+def reference_markdown() -> str:
+    """The configuration reference table for README.md (a test keeps them in sync)."""
+    lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+                continue
+            default = field.get_default(call_default_factory=True)
+            type_name = _type_name(ann)
+            lines.append(
+                f"| `{prefix}{name}` | {type_name} | `{_show(default)}` | "
+                f"{(field.description or '').replace('|', '/')} |"
+            )
+
+    walk(Config, "")
+    return "\n".join(lines) + "\n"
+
+
+def _type_name(ann: Any) -> str:
+    text = repr(ann) if not isinstance(ann, type) else ann.__name__
+    text = text.replace("typing.", "").replace("NoneType", "None")
+    return text.replace("|", "or")
+
+
+def _show(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()

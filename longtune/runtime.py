@@ -1,0 +1,42 @@
+"""Joining or starting Ray, sized so that every stage of a job can run at once."""
+
+from __future__ import annotations
+
+import math
+import os
+
+from longtune.config import Config
+
+
+def local_cpus_needed(config: Config) -> int:
+    """Logical CPUs a local Ray needs so training workers, tokenizer actors and Ray Data's
+    read tasks all fit together. Sized too small, a Ray Data + Ray Train job waits forever:
+    the read tasks queue behind the CPUs that actors and workers hold."""
+    s = config.scaling
+    if s.local_num_cpus is not None:
+        return s.local_num_cpus
+    workers = math.ceil(s.num_workers * s.cpus_per_worker)
+    # one CPU per tokenizer actor, two for read/pack tasks and the trainer's coordinator
+    return max(os.cpu_count() or 1, workers + config.data.tokenize_concurrency + 2)
+
+
+def init_ray(config: Config, *, log_to_driver: bool = True):
+    """Join the cluster in scaling.ray_address or $RAY_ADDRESS (set by `ray job submit`),
+    else start a local Ray. Returns the ray module."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = config.scaling.ray_address or os.environ.get("RAY_ADDRESS")
+    # Workers must see the tree the driver runs (pipelines/ puts it on sys.path).
+    runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=log_to_driver)
+    else:
+        ray.init(
+            num_cpus=local_cpus_needed(config),
+            runtime_env=runtime_env,
+            log_to_driver=log_to_driver,
+            include_dashboard=False,
+        )
+    return ray

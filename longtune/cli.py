@@ -42,6 +42,7 @@ COMMANDS: tuple[Command, ...] = (
         "prepare",
         "tokenize and pack a corpus into context-length blocks (parquet + manifest)",
         4,
+        run="longtune.data.pipeline:prepare_command",
         flags=(
             Flag("--source", "data.sources", "path, glob or URI of documents", nargs="+"),
             Flag("--tokenizer", "data.tokenizer", "tokenizer name or path"),

@@ -72,7 +72,9 @@ class DataConfig(_Section):
     )
     prepared_path: str | None = Field(
         None,
-        description="A dataset written by `longtune prepare`; when set, `sources` are not read.",
+        description="A dataset written by `longtune prepare` (which writes to "
+        "outputs/prepared/<tokenizer>-<context_length> when unset); when set, training reads "
+        "it instead of `sources`.",
     )
     text_field: str = Field("text", description="Text field of .jsonl/.json/.parquet records.")
     tokenizer: str | None = Field(
@@ -97,14 +99,28 @@ class DataConfig(_Section):
         gt=0,
         description="Documents longer than this are skipped and counted, not tokenized.",
     )
-    max_documents: int | None = Field(None, gt=0, description="Read at most this many documents.")
+    max_documents: int | None = Field(
+        None,
+        gt=0,
+        description="Read at most this many records (documents, including ones then skipped), "
+        "in source order; text files smaller than min_doc_chars bytes are not read or counted.",
+    )
     eval_fraction: float = Field(
         0.05, ge=0, lt=1, description="Share of documents held out for evaluation."
     )
     tokenize_concurrency: int = Field(
         1, gt=0, description="Tokenizer actors in the Ray Data actor pool."
     )
-    tokenize_batch_size: int = Field(16, gt=0, description="Documents per tokenizer batch.")
+    tokenize_batch_size: int = Field(
+        16, gt=0, description="Documents per tokenizer batch (and per first packing pass)."
+    )
+    pack_batch_tokens: int = Field(
+        4_194_304,
+        gt=0,
+        description="Tokens per final packing batch, where the pieces left over from the "
+        "first pass are packed together; the dropped or padded remainder is under one block "
+        "per split per such batch.",
+    )
 
     @field_validator("sources")
     @classmethod

@@ -1,0 +1,62 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+# ------------------------------------------------------------------ Ray and data (issue #4)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray for the session. Four logical CPUs on this two-core machine, so
+    tokenizer actors, read and pack tasks can all be scheduled at once."""
+    import ray
+
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+    )
+    yield ray
+    ray.shutdown()
+
+
+def make_words(seed: int, n_words: int) -> str:
+    """Deterministic text from a small pseudo-vocabulary (a tokenizer learns it quickly)."""
+    rng = random.Random(seed)
+    syllables = ["ka", "lo", "mi", "nu", "pe", "ra", "so", "ti", "vu", "ze", "qua", "ix"]
+    vocab = ["".join(rng.choices(syllables, k=rng.randint(1, 3))) for _ in range(150)]
+    words = rng.choices(vocab, k=n_words)
+    return " ".join(words).replace(" ka ", " ka.\n")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_path(tmp_path_factory) -> str:
+    """A byte-level BPE (vocab 300, EOS <|endoftext|>) trained on make_words text, saved as
+    a transformers PreTrainedTokenizerFast directory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator([make_words(s, 2000) for s in range(20)], trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")
+    path = tmp_path_factory.mktemp("tiny_tokenizer")
+    tokenizer.save_pretrained(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def make_text():
+    """make_words(seed, n_words) -> deterministic text."""
+    return make_words

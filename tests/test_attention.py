@@ -19,6 +19,16 @@ from longtune.attention import (
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
+@pytest.fixture(autouse=True, params=["lean", "autograd"])
+def executor(request, monkeypatch):
+    """Run every test through both executors: the hand-written CPU backward, and plain
+    autograd over SDPA (what CUDA and dropout > 0 use)."""
+    import longtune.attention.s2 as s2
+
+    monkeypatch.setattr(s2, "LEAN_CPU_BACKWARD", request.param == "lean")
+    return request.param
+
+
 def _inputs(b, h, hkv, n, d=8, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     mk = lambda heads: torch.randn(b, heads, n, d, generator=g, dtype=dtype).requires_grad_()  # noqa: E731
@@ -195,6 +205,7 @@ def test_fp64_agreement_is_exact():
     ],
 )
 def test_bad_arguments_are_named(kwargs, message):
+    kwargs = dict(kwargs)
     n, heads = kwargs.pop("n"), kwargs.pop("heads", 4)
     q, k, v = _inputs(1, heads, heads, n)
     with pytest.raises((ValueError, RuntimeError), match=message):
@@ -219,3 +230,19 @@ def test_group_size_from_ratio():
     assert resolve_group_size(4096, 512, 0.25) == 512
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
         resolve_group_size(64, None, 1.5)
+
+
+def test_dropout_runs_in_training_and_is_random():
+    q, k, v = _inputs(1, 4, 4, 64)
+    a, _ = s2_attention(q, k, v, group_size=16, dropout=0.5)
+    b, _ = s2_attention(q, k, v, group_size=16, dropout=0.5)
+    assert torch.isfinite(a).all() and not torch.equal(a, b)
+    a.sum().backward()
+    assert torch.isfinite(q.grad).all()
+
+
+def test_bfloat16_close_to_fp32_reference():
+    q, k, v = _inputs(2, 4, 2, 64)
+    out, _ = s2_attention(*(x.detach().bfloat16() for x in (q, k, v)), group_size=16)
+    ref = reference_attention(q, k, v, s2_reference_mask(2, 4, 64, 16))
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)

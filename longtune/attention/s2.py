@@ -237,29 +237,18 @@ def _pick_backend(backend: Backend, query: torch.Tensor) -> str:
 
 class _Piece:
     """One set of heads attending in one grouping: ``n_groups`` groups of ``g`` tokens
-    from ``start``; ``edges`` instead takes the two half groups at both ends; ``roll``
-    first rolls the tokens by ``-roll``.
+    from ``start``; ``roll`` first rolls the tokens by ``-roll``.
 
     ``gather`` turns [B, H, M, D] into the folded [B * groups, heads, g, D] SDPA input
     (a view where the layout allows: groups folded into the batch dimension); ``scatter``
     writes such a tensor back into its place in a [B, H, M, D] tensor."""
 
-    def __init__(self, heads: slice, start: int, n_groups: int, g: int, *, edges: bool = False, roll: int = 0):
-        self.heads, self.start, self.n_groups, self.g = heads, start, n_groups, g
-        self.edges, self.roll = edges, roll
-
-    def per_head(self) -> list["_Piece"]:
-        """The same piece, one head at a time."""
-        return [
-            _Piece(slice(h, h + 1), self.start, self.n_groups, self.g, edges=self.edges, roll=self.roll)
-            for h in range(self.heads.start, self.heads.stop)
-        ]
+    def __init__(self, heads: slice, start: int, n_groups: int, g: int, *, roll: int = 0):
+        self.heads, self.start, self.n_groups, self.g, self.roll = heads, start, n_groups, g, roll
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         x = x[:, self.heads]
         b, h, m, d = x.shape
-        if self.edges:  # [2B, h, g, D]: first half group, then last
-            return torch.cat([x[:, :, : self.g], x[:, :, m - self.g :]], dim=0)
         if self.roll:
             x = x.roll(-self.roll, dims=2)
         x = x[:, :, self.start : self.start + self.n_groups * self.g]
@@ -268,10 +257,6 @@ class _Piece:
     def scatter(self, dst: torch.Tensor, y: torch.Tensor) -> None:
         dst = dst[:, self.heads]
         b, h, m, d = dst.shape
-        if self.edges:
-            dst[:, :, : self.g].copy_(y[:b])
-            dst[:, :, m - self.g :].copy_(y[b:])
-            return
         y = y.view(b, self.n_groups, h, self.g, d).transpose(1, 2).flatten(2, 3)
         if self.roll:
             dst.copy_(y.roll(self.roll, dims=2))
@@ -282,8 +267,6 @@ class _Piece:
         """The same grouping of a [B, M] per-token tensor: [B * groups, g]."""
         if t is None:
             return None
-        if self.edges:
-            return torch.cat([t[:, : self.g], t[:, t.shape[1] - self.g :]], dim=0)
         if self.roll:
             t = t.roll(-self.roll, dims=1)
         return t[:, self.start : self.start + self.n_groups * self.g].reshape(-1, self.g)
@@ -300,10 +283,13 @@ def _pieces(h: int, m: int, g: int, shift: str) -> list[_Piece]:
     unshifted = _Piece(slice(0, hu), 0, n_groups, g)
     if shift == "roll":
         return [unshifted, _Piece(slice(hu, h), 0, n_groups, g, roll=half)]
+    # Shifted heads: full middle groups, and the half groups at both ends as pieces of their
+    # own, so that every piece is a plain view of its input (no copies, in either pass).
     return [
         unshifted,
-        _Piece(slice(hu, h), half, n_groups - 1, g),  # shifted heads, full middle groups
-        _Piece(slice(hu, h), 0, 2, half, edges=True),  # shifted heads, half groups at both ends
+        _Piece(slice(hu, h), half, n_groups - 1, g),
+        _Piece(slice(hu, h), 0, 1, half),
+        _Piece(slice(hu, h), m - half, 1, half),
     ]
 
 
@@ -330,10 +316,15 @@ def _group_mask(
     return mask[:, None]
 
 
+LEAN_CPU_BACKWARD = True
+"""Use the hand-written backward on the CPU (tests switch it off to cover the other path)."""
+
+
 def _grouped_attention(q, k, v, pieces, masks, scaling, dropout) -> torch.Tensor:
     """q/k/v: [B, H, M, D] (k/v already repeated to H heads) -> [B, M, H, D]."""
     lean = (
-        dropout == 0.0
+        LEAN_CPU_BACKWARD
+        and dropout == 0.0
         and q.device.type == "cpu"
         and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward")
     )
@@ -355,8 +346,8 @@ class _LeanGroupedAttention(torch.autograd.Function):
 
     Through plain autograd every head or token slice's backward allocates a zero gradient
     of its whole input, and the pieces are summed: 2-3x the memory of full attention. Here
-    each of dq, dk, dv is one buffer, filled piece by piece while each piece's own
-    gradients are freed, so peak memory stays below full attention's."""
+    each of dq, dk, dv is one buffer, written block by block (see ``_blocks``) while each
+    block's own gradients are freed, so peak memory stays below full attention's."""
 
     @staticmethod
     def forward(ctx, q, k, v, pieces, masks, scaling):
@@ -380,20 +371,50 @@ class _LeanGroupedAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, out, *lses = ctx.saved_tensors
         grads = [torch.empty_like(x) for x in (q, k, v)]  # the pieces tile every element
-        grad_out = grad_out.transpose(1, 2)
-        out = out.transpose(1, 2)
+        grad_out, out = grad_out.transpose(1, 2), out.transpose(1, 2)
+        threads = torch.get_num_threads()
         for piece, fmask, lse in zip(ctx.pieces, ctx.masks, lses):
-            # one head at a time: the transient per-piece gradients stay 1/H of the input
-            for i, one in enumerate(piece.per_head()):
-                piece_grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                    one.gather(grad_out).contiguous(), one.gather(q), one.gather(k),
-                    one.gather(v), one.gather(out), lse[:, i : i + 1], 0.0, fmask is None,
-                    attn_mask=fmask, scale=ctx.scaling,
+            ins = [piece.gather(x) for x in (grad_out, q, k, v, out)]  # folded, mostly views
+            dsts = [piece.gather(g) for g in grads]
+            direct = all(_same_storage(d, g) for d, g in zip(dsts, grads))
+            if not direct:  # roll, or batch > 1 with groups off the row start: a folded buffer
+                dsts = [torch.empty_like(x) for x in ins[1:4]]
+            for rows, heads in _blocks(ins[1].shape[0], ins[1].shape[1], threads):
+                go, qb, kb, vb, ob = (x[rows, heads] for x in ins)
+                mask = fmask if fmask is None or fmask.shape[0] == 1 else fmask[rows]
+                block_grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                    go, qb, kb, vb, ob, lse[rows, heads], 0.0, fmask is None,
+                    attn_mask=mask, scale=ctx.scaling,
                 )
-                for dst, g in zip(grads, piece_grads):
-                    one.scatter(dst, g)
-                del piece_grads
+                for dst, g in zip(dsts, block_grads):
+                    dst[rows, heads].copy_(g)
+                del block_grads
+            if not direct:
+                for dst, folded in zip(grads, dsts):
+                    piece.scatter(dst, folded)
         return *grads, None, None, None
+
+
+def _blocks(n_rows: int, n_heads: int, threads: int):
+    """(rows, heads) slices of a folded [rows, heads, g, D] piece, ``threads`` items each.
+
+    The fused CPU backward spreads (row, head) items over threads and copies its inputs
+    to its own layout. Blocks of exactly ``threads`` items keep every thread busy (a block
+    of 3 items on 2 threads idles one a third of the time) while bounding those copies to
+    ``threads`` group-sized items."""
+    if n_heads % threads == 0:
+        rows_per, heads_per = 1, threads
+    elif n_rows % threads == 0:
+        rows_per, heads_per = threads, 1
+    else:
+        rows_per, heads_per = n_rows, 1
+    for h in range(0, n_heads, heads_per):
+        for r in range(0, n_rows, rows_per):
+            yield slice(r, r + rows_per), slice(h, h + heads_per)
+
+
+def _same_storage(view: torch.Tensor, base: torch.Tensor) -> bool:
+    return view.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
 
 
 def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -492,6 +492,8 @@ def reference_markdown() -> str:
 
 
 def _type_name(ann: Any) -> str:
+    if get_origin(ann) is Literal:
+        return "one of " + ", ".join(f"`{a}`" for a in get_args(ann))
     text = repr(ann) if not isinstance(ann, type) else ann.__name__
     text = text.replace("typing.", "").replace("NoneType", "None")
     return text.replace("|", "or")

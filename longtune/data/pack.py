@@ -126,7 +126,7 @@ def _lists(arrays: list[np.ndarray]) -> pa.Array:
 def _fixed(rows: np.ndarray, n_null: int, L: int, dtype: Any) -> pa.Array:
     """(n, L) rows followed by ``n_null`` null rows as fixed_size_list<dtype>[L]."""
     values = np.concatenate([rows.reshape(-1), np.zeros(n_null * L, rows.dtype)])
-    mask = pa.array([False] * len(rows) + [True] * n_null)
+    mask = pa.array(np.arange(len(rows) + n_null) >= len(rows))
     return pa.FixedSizeListArray.from_arrays(pa.array(values, type=dtype), L, mask=mask)
 
 

@@ -2,7 +2,7 @@
 `longtune prepare` job that writes them with a manifest.
 
     files (driver: discover) -> read records (tasks) -> [limit max_documents]
-      -> tokenize (actor pool, one tokenizer per actor) -> pack pass 1 (tasks)
+      -> tokenize + pack pass 1 (actor pool, one tokenizer per actor)
       -> pack pass 2 (tasks) -> parquet + manifest (prepare) | Ray Train (stream_blocks)
 
 Determinism: the file list is sorted and the graph runs with ``preserve_order``, so every
@@ -94,11 +94,16 @@ def _plan(config: Config, discovery: Discovery, tokenizer) -> _Plan:
     )
 
 
-class _TokenizeFromStore(TokenizeDocuments):
-    """TokenizeDocuments whose tokenizer.json comes from the object store, fetched once."""
+class _TokenizeAndPack(TokenizeDocuments):
+    """The actor-pool step: tokenize a batch, then run packing pass 1 on it in the same
+    actor, so pass 1 streams along with tokenization instead of queueing behind pass 2."""
 
-    def __init__(self, tokenizer_ref: list, eos_id: int):
-        super().__init__(ray.get(tokenizer_ref[0]), eos_id)
+    def __init__(self, tokenizer_json: str, eos_id: int, pack: PackOptions):
+        super().__init__(tokenizer_json, eos_id)
+        self.pack = pack
+
+    def __call__(self, batch):
+        return pack_documents(super().__call__(batch), self.pack)
 
 
 def _blocks(config: Config, plan: _Plan, *, split: str | None, with_stats: bool):
@@ -127,19 +132,12 @@ def _blocks(config: Config, plan: _Plan, *, split: str | None, with_stats: bool)
     if d.max_documents is not None:
         ds = ds.limit(d.max_documents)
     ds = ds.map_batches(
-        _TokenizeFromStore,
-        # Wrapped in a list, the reference reaches the actors unresolved: Ray warns about
-        # large constructor arguments, and the dataset keeps this reference alive.
-        fn_constructor_kwargs={"tokenizer_ref": [ray.put(plan.tokenizer_json)], "eos_id": plan.eos_id},
+        _TokenizeAndPack,
+        fn_constructor_kwargs={
+            "tokenizer_json": plan.tokenizer_json, "eos_id": plan.eos_id, "pack": plan.pack,
+        },
         compute=ActorPoolStrategy(size=d.tokenize_concurrency),
         num_cpus=1,
-        batch_size=d.tokenize_batch_size,
-        batch_format="pyarrow",
-        udf_modifying_row_count=False,
-    )
-    ds = ds.map_batches(
-        pack_documents,
-        fn_kwargs={"opts": plan.pack},
         batch_size=d.tokenize_batch_size,
         batch_format="pyarrow",
         udf_modifying_row_count=True,

@@ -184,35 +184,44 @@ def _stdlib_entries(min_doc_chars: int, stats: dict) -> list[FileEntry]:
 def discover(sources: list[str], min_doc_chars: int) -> Discovery:
     """The files named by ``sources`` (paths, globs, URIs or ``stdlib``), sorted within each
     source, sources in the order given. Raises DataError for a missing or empty source."""
-    from pyarrow.fs import FileType
-
     stats = {"too_small": 0}
     files: list[FileEntry] = []
+    seen: set[str] = set()
     for source in sources:
         before_small = stats["too_small"]
-        if source == STDLIB_CORPUS:
-            found = _stdlib_entries(min_doc_chars, stats)
-        else:
-            scheme = _scheme(source)
-            if _GLOB_CHARS.search(source):
-                found = _glob_entries(source, scheme, min_doc_chars, stats)
-            else:
-                fs, path = resolve(source)
-                info = fs.get_file_info(path)
-                if info.type == FileType.NotFound:
-                    raise DataError(f"source {source!r} does not exist")
-                if info.type == FileType.Directory:
-                    found = _entries_under(fs, scheme, path, _list_tree(fs, path), min_doc_chars, stats)
-                else:
-                    kind, compressed = _kind_of(info.base_name, named=True)
-                    found = [FileEntry(scheme + path, kind, info.size, info.base_name, compressed)]
+        try:
+            found = _discover_one(source, min_doc_chars, stats)
+        except OSError as exc:  # permission denied, no credentials, ...
+            raise DataError(f"cannot list source {source!r}: {exc}") from None
         if not found and stats["too_small"] == before_small:
             raise DataError(
                 f"source {source!r} holds no documents: no text, source-code, .jsonl, .json or "
                 ".parquet files"
             )
-        files += sorted(found, key=lambda e: e.key)
+        # A file named by two sources is read once, where it first appears.
+        for entry in sorted(found, key=lambda e: e.key):
+            if entry.uri not in seen:
+                seen.add(entry.uri)
+                files.append(entry)
     return Discovery(files=files, too_small=stats["too_small"])
+
+
+def _discover_one(source: str, min_doc_chars: int, stats: dict) -> list[FileEntry]:
+    from pyarrow.fs import FileType
+
+    if source == STDLIB_CORPUS:
+        return _stdlib_entries(min_doc_chars, stats)
+    scheme = _scheme(source)
+    if _GLOB_CHARS.search(source):
+        return _glob_entries(source, scheme, min_doc_chars, stats)
+    fs, path = resolve(source)
+    info = fs.get_file_info(path)
+    if info.type == FileType.NotFound:
+        raise DataError(f"source {source!r} does not exist")
+    if info.type == FileType.Directory:
+        return _entries_under(fs, scheme, path, _list_tree(fs, path), min_doc_chars, stats)
+    kind, compressed = _kind_of(info.base_name, named=True)
+    return [FileEntry(scheme + path, kind, info.size, info.base_name, compressed)]
 
 
 def _glob_entries(source: str, scheme: str, min_doc_chars: int, stats: dict) -> list[FileEntry]:

@@ -1,0 +1,269 @@
+"""LongLoRA's LoRA+ through PEFT: LoRA on the attention projections, plus fully trained
+embeddings and normalization layers (without them LoRA does not extend context).
+
+    model = apply_adapter(model, config.adapter)      # a peft.PeftModel
+    ...train...
+    save_adapter(model, "outputs/adapter")            # PEFT format, written atomically
+    model = load_adapter(fresh_base, "outputs/adapter")
+
+What is trained, per ``adapter.type``:
+- ``lora_plus``: LoRA (r, alpha) on ``target_modules`` (the attention q/k/v/o projections when
+  unset) and, as PEFT ``modules_to_save``, ``trainable_modules`` (when unset: every
+  ``nn.Embedding`` and every normalization layer — for Llama/Mistral/Qwen2
+  ``["embed_tokens", "input_layernorm", "post_attention_layernorm", "norm"]``, plus
+  ``q_norm``/``k_norm`` on Qwen3/Gemma3). An untied output head is *not* trained: LongLoRA
+  trains ``embed,norm`` only.
+- ``lora``: LoRA only.
+
+Tied input/output embeddings (``tie_word_embeddings=True``): the embedding is also the output
+head. Training it as a plain ``modules_to_save`` would copy the input embedding and leave
+the head on the frozen original, silently untying them (and merging would then write an
+untied model). When the embedding is trained on a tied model we set PEFT's
+``ensure_weight_tying=True``: the head is wrapped too and shares the trained copy, so there
+is one trained matrix (counted and optimized once), the saved adapter reloads tied and
+``merge_and_unload`` returns a model that is still tied.
+
+No Ray, no MLflow here: plain torch + transformers + PEFT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+import warnings
+from pathlib import Path
+
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from torch import nn
+
+from longtune.config import AdapterConfig
+
+LORA2_NOT_IMPLEMENTED = "adapter.type=lora2: LoRA² is not implemented yet (issue #7)"
+
+
+# ---------------------------------------------------------------- what to adapt
+
+
+def attention_projections(model: nn.Module) -> list[str]:
+    """Names of the Linear layers directly inside the model's self-attention modules
+    (``["q_proj", "k_proj", "v_proj", "o_proj"]`` for Llama, Mistral, Qwen2/3, Gemma), in
+    module order. Found by inspection: an attention module is one whose class name ends in
+    "Attention". Raises ValueError naming the model class when none is found."""
+    names: list[str] = []
+    for module in model.modules():
+        if not type(module).__name__.endswith("Attention"):
+            continue
+        for child_name, child in module.named_children():
+            if _is_linear(child) and child_name not in names:
+                names.append(child_name)
+    if not names:
+        raise ValueError(
+            f"found no attention projections in {_model_class(model)}: no module whose class "
+            "name ends in 'Attention' holds Linear layers; set adapter.target_modules"
+        )
+    return names
+
+
+def trainable_modules(model: nn.Module) -> list[str]:
+    """LongLoRA's fully trained modules as PEFT ``modules_to_save`` names: every
+    ``nn.Embedding`` (for decoder LMs: the input embedding) and every normalization layer
+    (class name ending in "Norm", e.g. ``LlamaRMSNorm``, ``nn.LayerNorm``), embeddings first.
+
+    Names are the modules' last components (``input_layernorm``, ``norm``, ...). PEFT matches
+    ``modules_to_save`` by suffix, so a short name that would also catch some other module
+    is replaced by the full dotted paths of the intended modules."""
+    model = _unwrap(model)
+    all_names = [name for name, _ in model.named_modules() if name]
+    embeddings, norms = [], []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        if isinstance(module, nn.Embedding):
+            embeddings.append(name)
+        elif type(module).__name__.endswith("Norm"):
+            norms.append(name)
+    intended = embeddings + norms
+    if not intended:
+        raise ValueError(f"found no embeddings or normalization layers in {_model_class(model)}")
+    wanted = set(intended)
+    result: list[str] = []
+    for leaf in dict.fromkeys(name.rsplit(".", 1)[-1] for name in intended):
+        caught = {n for n in all_names if n.endswith(leaf)}
+        if caught <= wanted:
+            result.append(leaf)
+        else:  # the short name would also train something else: name them in full
+            result.extend(n for n in intended if n.rsplit(".", 1)[-1] == leaf)
+    return result
+
+
+# ---------------------------------------------------------------- apply
+
+
+def lora_config(model: nn.Module, cfg: AdapterConfig) -> LoraConfig:
+    """The PEFT LoraConfig for ``cfg`` on ``model`` (target and saved modules resolved)."""
+    if cfg.type == "lora2":
+        raise NotImplementedError(LORA2_NOT_IMPLEMENTED)
+    targets = list(cfg.target_modules) if cfg.target_modules else attention_projections(model)
+    saved: list[str] | None = None
+    if cfg.type == "lora_plus":
+        saved = list(cfg.trainable_modules) if cfg.trainable_modules else trainable_modules(model)
+        _check_matches(model, saved, "adapter.trainable_modules")
+    elif cfg.trainable_modules:
+        warnings.warn(
+            f"adapter.trainable_modules={cfg.trainable_modules} is ignored: adapter.type=lora "
+            "trains LoRA only (use lora_plus to train whole modules)",
+            stacklevel=3,
+        )
+    _check_matches(model, targets, "adapter.target_modules")
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets,
+        modules_to_save=saved,
+        use_rslora=cfg.use_rslora,
+        use_dora=cfg.use_dora,
+        init_lora_weights=cfg.init_lora_weights,
+        ensure_weight_tying=bool(saved) and _trains_tied_embedding(model, saved),
+    )
+
+
+def apply_adapter(model: nn.Module, cfg: AdapterConfig) -> PeftModel:
+    """Wrap ``model`` (a transformers causal LM, modified in place) in a PEFT LoRA adapter as
+    ``cfg`` says; only the adapter (and, for lora_plus, the saved modules) is trainable."""
+    if isinstance(model, PeftModel):
+        raise TypeError("apply_adapter expects a base model, got a PeftModel that already has an adapter")
+    return get_peft_model(model, lora_config(model, cfg))
+
+
+# ---------------------------------------------------------------- save / load
+
+
+def save_adapter(model: PeftModel, path: str | os.PathLike[str]) -> Path:
+    """Save the adapter in PEFT format (``save_pretrained``) at ``path``.
+
+    Written to a temporary directory beside ``path`` and renamed into place, so readers see
+    either the previous complete adapter or the new complete one; an existing directory at
+    ``path`` is moved aside only after the new one is complete, then deleted."""
+    if not isinstance(model, PeftModel):
+        raise TypeError(f"save_adapter expects a peft.PeftModel, got {type(model).__name__}")
+    target = Path(path).absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex[:8]
+    tmp = target.parent / f".{target.name}.tmp-{token}"
+    old = target.parent / f".{target.name}.old-{token}"
+    try:
+        model.save_pretrained(str(tmp))
+        if target.exists():
+            os.replace(target, old)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if old.exists() and not target.exists():
+                os.replace(old, target)  # put the previous adapter back
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_adapter(
+    base_model: nn.Module, path: str | os.PathLike[str], trainable: bool = False
+) -> PeftModel:
+    """Load a PEFT adapter saved by ``save_adapter`` onto ``base_model`` (built from the same
+    base weights). ``trainable=True`` leaves the adapter and saved modules trainable, e.g. to
+    resume training. Raises FileNotFoundError / ValueError for a missing or non-PEFT path
+    (checked here, so a local typo never turns into a Hub lookup)."""
+    directory = Path(path)
+    if not directory.exists():
+        raise FileNotFoundError(f"adapter path {str(directory)!r} does not exist")
+    config_file = directory / CONFIG_NAME
+    if not directory.is_dir() or not config_file.is_file():
+        raise ValueError(f"{str(directory)!r} is not a PEFT adapter directory (no {CONFIG_NAME})")
+    try:
+        peft_type = json.loads(config_file.read_text(encoding="utf-8")).get("peft_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raise ValueError(f"{str(config_file)!r} is not a valid PEFT adapter config") from exc
+    if not peft_type:
+        raise ValueError(f"{str(config_file)!r} is not a PEFT adapter config (no peft_type)")
+    if not any((directory / name).is_file() for name in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME)):
+        raise ValueError(
+            f"{str(directory)!r} has no adapter weights ({SAFETENSORS_WEIGHTS_NAME} or {WEIGHTS_NAME})"
+        )
+    return PeftModel.from_pretrained(base_model, str(directory), is_trainable=trainable)
+
+
+# ---------------------------------------------------------------- logging
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Parameter counts for logging, each shared (tied) tensor counted once:
+    trainable, total (frozen base weights and trained copies included), lora (LoRA/DoRA
+    factors) and saved_modules (trainable copies of the modules_to_save)."""
+    counts = dict(trainable=0, total=0, lora=0, saved_modules=0)
+    for name, param in model.named_parameters():  # named_parameters drops shared duplicates
+        n = param.numel()
+        counts["total"] += n
+        if not param.requires_grad:
+            continue
+        counts["trainable"] += n
+        if ".lora_" in name or name.startswith("lora_"):
+            counts["lora"] += n
+        elif ".modules_to_save." in name:
+            counts["saved_modules"] += n
+    return counts
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _is_linear(module: nn.Module) -> bool:
+    # A PEFT-wrapped Linear keeps the original as base_layer.
+    return isinstance(module, nn.Linear) or isinstance(getattr(module, "base_layer", None), nn.Linear)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def _model_class(model: nn.Module) -> str:
+    return type(_unwrap(model)).__name__
+
+
+def _check_matches(model: nn.Module, names: list[str], field: str) -> None:
+    """Every name must match some module the way PEFT matches (by name suffix)."""
+    module_names = [n for n, _ in model.named_modules() if n]
+    missing = [name for name in names if not any(n.endswith(name) for n in module_names)]
+    if missing:
+        raise ValueError(f"{field}: no module named {missing} in {_model_class(model)}")
+
+
+def _trains_tied_embedding(model: nn.Module, saved: list[str]) -> bool:
+    """True when the input embedding is tied to the output head and one of them is saved."""
+    get_in = getattr(model, "get_input_embeddings", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    if get_in is None or get_out is None:
+        return False
+    inp, out = get_in(), get_out()
+    if inp is None or out is None or getattr(out, "weight", None) is not inp.weight:
+        return False
+    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    tied_names = [names.get(id(inp), ""), names.get(id(out), "")]
+    return any(n and n.endswith(s) for n in tied_names for s in saved)
+
+
+__all__ = [
+    "LORA2_NOT_IMPLEMENTED",
+    "apply_adapter",
+    "attention_projections",
+    "load_adapter",
+    "lora_config",
+    "parameter_counts",
+    "save_adapter",
+    "trainable_modules",
+]

@@ -246,6 +246,9 @@ class EvalConfig(_Section):
     )
     passkey_trials: int = Field(10, ge=0, description="Passkey trials per length.")
     batch_size: int = Field(4, gt=0, description="Windows per forward pass.")
+    loss_blocks: int = Field(
+        16, ge=0, description="Held-out blocks scored (full attention) at each training checkpoint."
+    )
 
     @field_validator("lengths", "passkey_lengths")
     @classmethod

@@ -246,3 +246,16 @@ def test_bfloat16_close_to_fp32_reference():
     out, _ = s2_attention(*(x.detach().bfloat16() for x in (q, k, v)), group_size=16)
     ref = reference_attention(q, k, v, s2_reference_mask(2, 4, 64, 16))
     torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+
+
+def test_autocast_with_mixed_input_dtypes_matches_sdpa_behaviour():
+    """q/k in fp32 (after RoPE) and v in bf16 (its projection), as models give them."""
+    q, k, v = _inputs(1, 4, 4, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = s2_attention(q, k, v.bfloat16(), group_size=16)
+        full, _ = full_attention(q, k, v.bfloat16())
+    assert out.dtype == torch.bfloat16 and full.dtype == torch.bfloat16
+    ref = reference_attention(q, k, v, s2_reference_mask(1, 4, 64, 16))
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+    out.float().sum().backward()
+    assert q.grad.dtype == torch.float32 and torch.isfinite(q.grad).all()

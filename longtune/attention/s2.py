@@ -130,6 +130,7 @@ def s2_attention(
     ([B or 1, N]) mark document starts in packed rows."""
     b, h, n, d = query.shape
     _check_shapes(query, key, value)
+    query, key, value = _autocast_inputs(query, key, value)
     if shift not in ("split", "roll"):
         raise ValueError(f"shift must be 'split' or 'roll', got {shift!r}")
     if h < 2:
@@ -173,6 +174,7 @@ def full_attention(
     ``kv_len - q_len + i``. Returns ``(out [B, N, H, D], None)``."""
     b, h, q_len, _ = query.shape
     kv_len = key.shape[2]
+    query, key, value = _autocast_inputs(query, key, value)
     k = repeat_kv(key, h // key.shape[1])
     v = repeat_kv(value, h // value.shape[1])
     if q_len == kv_len:
@@ -209,6 +211,17 @@ def _check_shapes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -
         )
     if h % key.shape[1]:
         raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({key.shape[1]})")
+
+
+def _autocast_inputs(q, k, v):
+    """Under autocast, attention runs in the autocast dtype, as SDPA's autocast policy does
+    (q and k often arrive in fp32 from RoPE, v in bf16 from its projection); the fused ops
+    called directly below are not autocast-aware themselves."""
+    device = q.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        return q.to(dtype), k.to(dtype), v.to(dtype)
+    return q, k, v
 
 
 def _effective_window(sliding_window: int | None, span: int) -> int | None:

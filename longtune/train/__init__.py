@@ -1,0 +1,1 @@
+"""LongLoRA / LoRA² fine-tuning on Ray Train: the worker loop, checkpoints, the driver."""

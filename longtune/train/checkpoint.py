@@ -1,0 +1,66 @@
+"""What a longtune training checkpoint holds, and how a run resumes from one.
+
+    <checkpoint>/
+      adapter/          the adapter in PEFT format: `PeftModel.from_pretrained(base, ...)` loads it
+      optimizer.pt      AdamW state
+      scheduler.pt      learning-rate schedule state
+      state.json        step, data position (epoch, batches consumed in it), tokens seen
+      config.yaml       the resolved config of the run
+
+Only rank 0 writes; every rank reads the same files on resume.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+ADAPTER_DIR = "adapter"
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0  # passes over the data started
+    batches_in_epoch: int = 0  # micro-batches consumed in the current epoch (per worker)
+    tokens_seen: int = 0  # all workers
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def write_checkpoint(
+    directory: str | Path, model, optimizer, scheduler, state: TrainState, config_yaml: str
+) -> Path:
+    """Write a checkpoint into ``directory`` (model: the PEFT model, not a DDP wrapper)."""
+    from longtune.adapters import save_adapter
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_adapter(model, directory / ADAPTER_DIR)
+    torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+    torch.save(scheduler.state_dict(), directory / "scheduler.pt")
+    (directory / "config.yaml").write_text(config_yaml)
+    (directory / "state.json").write_text(state.to_json())  # last: a complete checkpoint
+    return directory
+
+
+def read_checkpoint(directory: str | Path, model, optimizer, scheduler) -> TrainState:
+    """Restore model weights (trainable ones), optimizer and scheduler; return the state."""
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    directory = Path(directory)
+    if not (directory / "state.json").is_file():
+        raise FileNotFoundError(f"{directory} is not a complete longtune checkpoint (no state.json)")
+    weights = load_peft_weights(str(directory / ADAPTER_DIR), device="cpu")
+    result = set_peft_model_state_dict(model, weights)
+    missing = [k for k in getattr(result, "unexpected_keys", [])]
+    if missing:
+        raise RuntimeError(f"checkpoint {directory} holds weights this model lacks: {missing[:5]}")
+    optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
+    return TrainState(**json.loads((directory / "state.json").read_text()))

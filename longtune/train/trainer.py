@@ -1,0 +1,230 @@
+"""The driver side of `longtune finetune`: check, set up and run a Ray Train TorchTrainer.
+
+Reads top to bottom: resolve the model (building the seed model once) -> join or start Ray
+-> check resources and storage (fail fast, never hang) -> open the data -> start the MLflow
+run -> fit -> log the adapter and curves -> say where everything is.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from longtune.config import Config
+
+
+class TrainingSetupError(RuntimeError):
+    """The run cannot start as configured; the message says why and what to change."""
+
+
+@dataclass
+class FinetuneResult:
+    run_name: str
+    checkpoint_path: str  # the final checkpoint (adapter/, optimizer.pt, state.json, ...)
+    adapter_path: str
+    metrics: dict[str, Any]
+    mlflow_run_id: str | None
+    tracking_uri: str | None
+
+
+def finetune(config: Config, *, console=None, fault_injection: dict | None = None) -> FinetuneResult:
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from rich.console import Console
+
+    from longtune.data.pipeline import open_blocks
+    from longtune.models import model_path
+    from longtune.runtime import init_ray
+    from longtune.train.loop import train_loop
+
+    console = console or Console(stderr=True)
+    s, t = config.scaling, config.train
+
+    # ---------------------------------------------------------------- model, Ray, resources
+    path = model_path(config.model)  # builds the seed model here, once, not in every worker
+    ray = init_ray(config)
+    use_gpu = _use_gpu(config, ray)
+    if t.strategy == "fsdp" and not use_gpu:
+        raise TrainingSetupError("train.strategy=fsdp needs GPU workers; use train.strategy=ddp on CPUs")
+    _check_resources(config, ray, use_gpu)
+    run_name = t.run_name or f"longtune-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = _storage_path(t.storage_path, ray)
+
+    # ---------------------------------------------------------------- data
+    datasets = {"train": open_blocks(config, "train")}
+    has_eval = config.data.eval_fraction > 0 and config.eval.loss_blocks > 0
+    if has_eval:
+        datasets["eval"] = open_blocks(config, "eval")
+
+    # ---------------------------------------------------------------- tracking
+    tracker = _start_tracking(config, run_name)
+
+    # ---------------------------------------------------------------- fit
+    loop_config = {
+        "config": config.to_dict(),
+        "model_path": path,
+        "has_eval": has_eval,
+        "threads_per_worker": max(1, math.floor(s.cpus_per_worker)),
+        "mlflow": {"tracking_uri": tracker.tracking_uri, "run_id": tracker.run_id} if tracker else None,
+        "fault_injection": fault_injection,
+    }
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=s.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": s.cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),  # every worker may read eval
+    )
+    console.print(
+        f"[bold]longtune finetune[/] run [cyan]{run_name}[/]: {config.model.name_or_path} -> "
+        f"{config.model.target_context} tokens, {config.adapter.type} r={config.adapter.rank}, "
+        f"attention={config.attention.type}, {s.num_workers} worker(s){' on GPU' if use_gpu else ''}, "
+        f"{t.max_steps} steps; checkpoints in {storage}/{run_name}"
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:
+        if tracker:
+            tracker.end("FAILED")
+        raise TrainingSetupError(f"training run {run_name} failed: {_root_cause(exc)}") from exc
+    if result.checkpoint is None:
+        if tracker:
+            tracker.end("FAILED")
+        raise TrainingSetupError(f"training run {run_name} ended without a checkpoint")
+
+    # ---------------------------------------------------------------- artifacts
+    checkpoint_path = result.checkpoint.path
+    adapter_path = f"{checkpoint_path.rstrip('/')}/adapter"
+    metrics = dict(result.metrics or {})
+    if tracker:
+        with result.checkpoint.as_directory() as local:
+            tracker.log_artifact(Path(local) / "adapter", "adapter")
+        history = result.metrics_dataframe
+        if history is not None and "loss" in history:
+            tracker.log_loss_curve(list(zip(history["step"], history["loss"])))
+        tracker.end("FINISHED")
+    return FinetuneResult(
+        run_name=run_name,
+        checkpoint_path=checkpoint_path,
+        adapter_path=adapter_path,
+        metrics=metrics,
+        mlflow_run_id=tracker.run_id if tracker else None,
+        tracking_uri=tracker.tracking_uri if tracker else None,
+    )
+
+
+def finetune_command(config: Config) -> int:
+    from rich.console import Console
+
+    from longtune.data.errors import DataError
+    from longtune.models import ModelError
+
+    console = Console(stderr=True)
+    try:
+        result = finetune(config, console=console)
+    except (TrainingSetupError, DataError, ModelError) as err:
+        print(f"longtune finetune: {err}", file=sys.stderr)
+        return 1
+    _print_summary(result, console)
+    return 0
+
+
+# -------------------------------------------------------------------- helpers
+
+
+def _use_gpu(config: Config, ray) -> bool:
+    wanted = config.scaling.use_gpu
+    if wanted == "auto":
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return bool(wanted)
+
+
+def _joined_cluster(config: Config) -> bool:
+    return bool(config.scaling.ray_address or os.environ.get("RAY_ADDRESS"))
+
+
+def _check_resources(config: Config, ray, use_gpu: bool) -> None:
+    """Refuse a run whose workers cannot all be placed next to Ray Data, instead of letting
+    it wait forever. A cluster we joined may autoscale, so there it only warns."""
+    s = config.scaling
+    have = ray.cluster_resources()
+    need_cpu = s.num_workers * s.cpus_per_worker + 1  # + one CPU for Ray Data's tasks
+    problems = []
+    if have.get("CPU", 0) < need_cpu:
+        problems.append(
+            f"{s.num_workers} workers x {s.cpus_per_worker} CPU + 1 CPU for Ray Data = {need_cpu:g} "
+            f"logical CPUs, the cluster has {have.get('CPU', 0):g} (lower scaling.cpus_per_worker "
+            "or scaling.num_workers, or raise scaling.local_num_cpus)"
+        )
+    if use_gpu and have.get("GPU", 0) < s.num_workers:
+        problems.append(f"{s.num_workers} GPU workers, the cluster has {have.get('GPU', 0):g} GPUs")
+    if not problems:
+        return
+    message = "not enough resources: " + "; ".join(problems)
+    if _joined_cluster(config):
+        print(f"[longtune] warning: {message} (waiting for the autoscaler)")
+        return
+    raise TrainingSetupError(message)
+
+
+def _storage_path(configured: str | None, ray) -> str:
+    """Where Ray Train persists checkpoints. A multi-node cluster needs shared storage."""
+    if configured and "://" in configured:
+        return configured
+    local = Path(configured or "outputs/ray").expanduser().resolve()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1 and os.environ.get("LONGTUNE_STORAGE_IS_SHARED") != "1":
+        raise TrainingSetupError(
+            f"train.storage_path {str(local)!r} is local, but the cluster has {len(nodes)} nodes: "
+            "checkpoints must go to shared storage (s3://..., gs://...), or set "
+            "LONGTUNE_STORAGE_IS_SHARED=1 if that path is a shared file system on every node"
+        )
+    local.mkdir(parents=True, exist_ok=True)
+    return str(local)
+
+
+def _start_tracking(config: Config, run_name: str):
+    if not config.tracking.enabled:
+        return None
+    from longtune.tracking import Tracker
+
+    tracker = Tracker.start(config.tracking, run_name=run_name)
+    tracker.log_config(config)
+    return tracker
+
+
+def _root_cause(exc: BaseException) -> str:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[-1] if text else ''}"
+
+
+def _print_summary(result: FinetuneResult, console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"longtune finetune: {result.run_name}", show_header=False)
+    for key in ("loss", "eval_loss", "eval_ppl", "tokens_per_s", "peak_memory_mb"):
+        if key in result.metrics:
+            table.add_row(key, f"{result.metrics[key]:.4g}")
+    table.add_row("adapter", result.adapter_path)
+    table.add_row("checkpoint", result.checkpoint_path)
+    if result.mlflow_run_id:
+        table.add_row("MLflow run", f"{result.mlflow_run_id} ({result.tracking_uri})")
+    console.print(table)
+    if result.tracking_uri:
+        console.print(f"Open it with: mlflow ui --backend-store-uri {result.tracking_uri}")
+    console.print(f"Resume or continue with: train.run_name={result.run_name}")

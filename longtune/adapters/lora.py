@@ -28,6 +28,7 @@ No Ray, no MLflow here: plain torch + transformers + PEFT.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -137,7 +138,9 @@ def apply_adapter(model: nn.Module, cfg: AdapterConfig) -> PeftModel:
     ``cfg`` says; only the adapter (and, for lora_plus, the saved modules) is trainable."""
     if isinstance(model, PeftModel):
         raise TypeError("apply_adapter expects a base model, got a PeftModel that already has an adapter")
-    return get_peft_model(model, lora_config(model, cfg))
+    peft_config = lora_config(model, cfg)
+    with _quiet_peft():
+        return get_peft_model(model, peft_config)
 
 
 # ---------------------------------------------------------------- save / load
@@ -195,7 +198,8 @@ def load_adapter(
         raise ValueError(
             f"{str(directory)!r} has no adapter weights ({SAFETENSORS_WEIGHTS_NAME} or {WEIGHTS_NAME})"
         )
-    return PeftModel.from_pretrained(base_model, str(directory), is_trainable=trainable)
+    with _quiet_peft():
+        return PeftModel.from_pretrained(base_model, str(directory), is_trainable=trainable)
 
 
 # ---------------------------------------------------------------- logging
@@ -220,6 +224,15 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def _quiet_peft():
+    """PEFT 0.21 reads transformers 5's deprecated ``is_gradient_checkpointing``: a
+    FutureWarning users cannot act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        yield
 
 
 def _is_linear(module: nn.Module) -> bool:

@@ -131,7 +131,7 @@ class Tracker:
             client.update_run(run_id, status="RUNNING")
             self.experiment_id = run.info.experiment_id
             if tags:
-                self.set_tags_for(run_id, tags)
+                self._set_tags(run_id, tags)
             resumed = True
         else:
             self.experiment_id = self._experiment_id()
@@ -240,9 +240,9 @@ class Tracker:
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if self._active():
-            self.set_tags_for(self.run_id, tags)
+            self._set_tags(self.run_id, tags)
 
-    def set_tags_for(self, run_id: str, tags: Mapping[str, Any]) -> None:
+    def _set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
         entities = [RunTag(_key(k), _to_str(v)[:8000]) for k, v in tags.items()]

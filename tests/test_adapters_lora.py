@@ -40,6 +40,16 @@ QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 EMBED_AND_NORMS = ["embed_tokens", "input_layernorm", "post_attention_layernorm", "norm"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core box the
+    threads' spinning makes each test ~40x slower under load."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny(arch: str, seed: int = 0) -> torch.nn.Module:
     """The same random model for the same (arch, seed): rebuilt as the 'fresh base'."""
     config_cls, model_cls, extra = ARCHS.get(arch) or (Qwen3Config, Qwen3ForCausalLM, {})

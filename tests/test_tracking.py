@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from longtune.config import Config, TrackingConfig, load_config
 from longtune.tracking import (
@@ -135,7 +136,7 @@ def test_run_logs_params_metrics_and_artifacts(cfg, tmp_path):
     } <= paths
     local = Path(client(cfg).download_artifacts(run_id, "", str(tmp_path / "download")))
     assert (local / "plots" / "loss_curve.png").read_bytes()[:8] == PNG_SIGNATURE
-    assert Config.model_validate(__import__("yaml").safe_load((local / "config.yaml").read_text())) == config
+    assert Config.model_validate(yaml.safe_load((local / "config.yaml").read_text())) == config
     # artifacts live beside the database, not in the working directory
     db_dir = Path(cfg.tracking_uri.removeprefix("sqlite:///")).parent
     assert run.info.artifact_uri.startswith((db_dir / "mlruns").as_uri())

@@ -18,10 +18,6 @@ torch.cuda.max_memory_allocated. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,6 +26,7 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._common import median, peak_rise_bytes, run_isolated, write_json  # noqa: E402
 from longtune.attention import s2_attention  # noqa: E402
 
 
@@ -74,14 +71,7 @@ def time_pair(seq, args, backend):
             step(method, q, k, v, args.ratio, backend)
             sync()
             times[method].append(time.perf_counter() - t0)
-    return {m: statistics.median(t) for m, t in times.items()}
-
-
-def _rss_kib(field):
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    return {m: median(t) for m, t in times.items()}
 
 
 def measure_peak_here(method, seq, args, backend):
@@ -100,22 +90,15 @@ def measure_peak_here(method, seq, args, backend):
     q, k, v = _leaf_inputs(seq, args.heads, args.head_dim, dtype, "cpu")
     step(method, q, k, v, args.ratio, backend)  # warm-up: thread pools, one-time buffers
     q.grad = k.grad = v.grad = None
-    base = _rss_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-    step(method, q, k, v, args.ratio, backend)
-    return (_rss_kib("VmHWM") - base) * 1024
+    return peak_rise_bytes(lambda: step(method, q, k, v, args.ratio, backend))
 
 
 def measure_peak(method, seq, args, backend):
     if args.device == "cuda":
         return measure_peak_here(method, seq, args, backend)
-    cmd = [sys.executable, __file__, "--_peak", method, str(seq), "--backends", backend,
-           "--dtype", args.dtype, "--heads", str(args.heads), "--head-dim", str(args.head_dim),
-           "--ratio", str(args.ratio)]
-    # A fixed mmap threshold makes glibc return every large block when freed, so the
-    # resident set follows what is allocated (its adaptive default would hide the peak).
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    return int(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout.strip())
+    return int(run_isolated([__file__, "--_peak", method, str(seq), "--backends", backend,
+                             "--dtype", args.dtype, "--heads", str(args.heads),
+                             "--head-dim", str(args.head_dim), "--ratio", str(args.ratio)]))
 
 
 def main():
@@ -155,14 +138,9 @@ def main():
             rows.append(row)
             print(f"{backend:8} {seq:6d} {row['full_ms']:9.1f} {row['s2_ms']:9.1f} "
                   f"{row['speedup']:7.2f}x {row['full_peak_mib']:9.1f} {row['s2_peak_mib']:9.1f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(heads=args.heads, head_dim=args.head_dim, ratio=args.ratio, dtype=args.dtype,
                 device=args.device, torch=torch.__version__, threads=torch.get_num_threads(), reps=args.reps)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    tmp.replace(out)
-    print(f"wrote {out}")
+    print(f"wrote {write_json(args.out, {'meta': meta, 'rows': rows})}")
 
 
 if __name__ == "__main__":

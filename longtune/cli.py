@@ -54,6 +54,7 @@ COMMANDS: tuple[Command, ...] = (
         "finetune",
         "extend a model's context with LongLoRA / LoRA² on Ray Train",
         5,
+        "longtune.train.trainer:finetune_command",
     ),
     Command(
         "evaluate",

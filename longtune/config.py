@@ -1,6 +1,9 @@
 """One typed configuration for every longtune job.
 
-Defaults live here and nowhere else. A job's config is built from three layers, later
+Defaults live here and nowhere else. They are the embedded default recipe (the seed model,
+the stdlib corpus, 256 -> 1024 tokens on a local Ray: pipelines/configs/default.yaml states
+it, and a test keeps the two equal); recipes for real models state the LongLoRA paper's
+values (pipelines/configs/llama2-7b-32k.yaml). A job's config is built from three layers, later
 ones winning: these defaults, a YAML file (``--config``), dotted command-line overrides
 (``train.max_steps=50 adapter.rank=16``). Unknown keys are errors; every validation error
 names the field, the bad value and what is allowed, and is raised as ``ConfigError`` before
@@ -196,12 +199,14 @@ class AdapterConfig(_Section):
 
 
 class TrainConfig(_Section):
-    max_steps: int = Field(1000, gt=0, description="Optimizer steps.")
-    lr: float = Field(2e-5, gt=0, description="Peak learning rate (AdamW).")
+    max_steps: int = Field(200, gt=0, description="Optimizer steps.")
+    lr: float = Field(
+        2e-4, gt=0, description="Peak learning rate (AdamW); LongLoRA uses 2e-5 on 7B+ models."
+    )
     warmup_steps: int = Field(20, ge=0, description="Linear warm-up, then constant.")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    batch_size_per_worker: int = Field(1, gt=0, description="Blocks per micro-batch per worker.")
+    batch_size_per_worker: int = Field(2, gt=0, description="Blocks per micro-batch per worker.")
     grad_accum_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null = off.")
     precision: Literal["auto", "bf16", "fp32"] = Field(
@@ -209,7 +214,7 @@ class TrainConfig(_Section):
     )
     strategy: Literal["ddp", "fsdp"] = Field("ddp", description="Data parallel strategy.")
     log_every: int = Field(10, gt=0, description="Log metrics every N steps.")
-    checkpoint_every: int = Field(200, gt=0, description="Checkpoint every M steps and at the end.")
+    checkpoint_every: int = Field(100, gt=0, description="Checkpoint every M steps and at the end.")
     seed: int = Field(0, description="Random seed.")
     run_name: str | None = Field(
         None, description="Ray Train run name; relaunching the same name resumes."

@@ -108,7 +108,7 @@ def _build_tokenizer(target: Path) -> None:
 SEED_CONTEXT = 256  # the seed model's original context; the default recipe extends it 4x
 SEED_SHAPE = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4,
                   num_attention_heads=8, num_key_value_heads=8)
-SEED_STEPS = 450
+SEED_STEPS = 300
 SEED_BATCH = 16
 SEED_LR = 2e-3
 SEED_EVAL_WINDOWS = 64

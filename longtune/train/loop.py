@@ -24,11 +24,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
-    from transformers import get_constant_schedule_with_warmup
-
-    from longtune.adapters import apply_adapter
-    from longtune.attention import use_s2_attention
-    from longtune.models import load_model
 
     config: Config = from_dict(loop_config["config"])
     ctx = ray.train.get_context()
@@ -39,23 +34,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if not on_gpu:
         torch.set_num_threads(max(1, int(loop_config.get("threads_per_worker", 1))))
 
-    # ---------------------------------------------------------------- model
-    # base model -> longer context (position interpolation) -> adapter -> attention
-    model, _ = load_model(config.model, on_gpu=on_gpu, path=loop_config["model_path"])
-    model = apply_adapter(model, config.adapter)
-    if config.attention.type == "s2":
-        a = config.attention
-        use_s2_attention(model, a.group_size_ratio, a.shift, group_size=a.group_size, backend=a.backend)
-    model.to(device)
+    # ---------------------------------------------------------------- model, optimizer
+    model = build_model(config, loop_config["model_path"], device)
     wrapped = ray.train.torch.prepare_model(
         model, move_to_device=False, parallel_strategy=config.train.strategy
     )
-
-    # ---------------------------------------------------------------- optimizer, schedule
-    params = [p for p in model.parameters() if p.requires_grad]
+    params, optimizer, scheduler = build_optimizer(config, model)
     t = config.train
-    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
-    scheduler = get_constant_schedule_with_warmup(optimizer, t.warmup_steps)
 
     # ---------------------------------------------------------------- resume
     state = TrainState()
@@ -72,30 +57,27 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     tokens_per_step = world * t.grad_accum_steps * t.batch_size_per_worker * context
     batches = _batches(ray.train.get_dataset_shard("train"), t.batch_size_per_worker, state, device)
     eval_blocks = _EvalBlocks(loop_config, config, device) if rank == 0 else None
-    log_metrics = _metrics_logger(loop_config) if rank == 0 else None
-    autocast = _autocast(config, device)
+    tracker = _metrics_logger(loop_config) if rank == 0 else None
+    autocast = autocast_for(config, device)
     config_yaml = config.to_yaml()
     fault = loop_config.get("fault_injection")
+
+    if checkpoint is not None and rank == 0:
+        tracker.log_metrics({"resumed_from_step": state.step}, state.step)
+
+    # ---------------------------------------------------------------- baseline
+    if state.step == 0 and rank == 0 and eval_blocks is not None:
+        # the extended model before any training: what fine-tuning has to improve on
+        baseline = eval_blocks.loss(model, autocast)
+        if baseline:
+            tracker.log_metrics(baseline, 0)
+            print("[longtune] before training: " + "  ".join(_fmt(k, v) for k, v in baseline.items()))
 
     # ---------------------------------------------------------------- train
     model.train()
     window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
     while state.step < t.max_steps:
-        # one optimizer step over grad_accum_steps micro-batches
-        for micro in range(t.grad_accum_steps):
-            batch = next(batches)
-            ids, positions, labels = _inputs(batch)
-            last = micro == t.grad_accum_steps - 1
-            sync = contextlib.nullcontext() if last or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
-            with sync, autocast:
-                loss = wrapped(input_ids=ids, position_ids=positions, labels=labels).loss
-                (loss / t.grad_accum_steps).backward()
-            window_loss += loss.item() / t.grad_accum_steps
-        if t.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        window_loss += optimizer_step(wrapped, batches, params, optimizer, scheduler, config, autocast)
         state.step += 1
         state.tokens_seen += tokens_per_step
         window_steps += 1
@@ -132,7 +114,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if rank == 0 and checkpoint_now and eval_blocks is not None:
             metrics.update(eval_blocks.loss(model, autocast))
         if rank == 0:
-            log_metrics({k: v for k, v in metrics.items() if k != "step"}, state.step)
+            tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, state.step)
             print("[longtune] " + "  ".join(_fmt(k, v) for k, v in metrics.items()))
         if checkpoint_now and rank == 0:
             with tempfile.TemporaryDirectory() as directory:
@@ -141,6 +123,53 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         else:
             ray.train.report(metrics)
         window_start = time.perf_counter()  # eval and checkpoint time is not training time
+    if tracker is not None:
+        tracker.close()  # stops this process's system metrics; the driver ends the run
+
+
+def build_model(config: Config, model_path: str, device):
+    """Base model -> longer context (position interpolation) -> adapter -> attention."""
+    from longtune.adapters import apply_adapter
+    from longtune.attention import use_s2_attention
+    from longtune.models import load_model
+
+    model, _ = load_model(config.model, on_gpu=device.type == "cuda", path=model_path)
+    model = apply_adapter(model, config.adapter)
+    if config.attention.type == "s2":
+        a = config.attention
+        use_s2_attention(model, a.group_size_ratio, a.shift, group_size=a.group_size, backend=a.backend)
+    return model.to(device)
+
+
+def build_optimizer(config: Config, model):
+    """AdamW over the trainable parameters, constant learning rate after a linear warm-up."""
+    from transformers import get_constant_schedule_with_warmup
+
+    t = config.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    return params, optimizer, get_constant_schedule_with_warmup(optimizer, t.warmup_steps)
+
+
+def optimizer_step(model, batches, params, optimizer, scheduler, config: Config, autocast) -> float:
+    """One optimizer step over train.grad_accum_steps micro-batches; returns the mean loss.
+    ``model`` may be a DDP wrapper: gradients sync on the last micro-batch only."""
+    t = config.train
+    total = 0.0
+    for micro in range(t.grad_accum_steps):
+        ids, positions, labels = _inputs(next(batches))
+        last = micro == t.grad_accum_steps - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync, autocast:
+            loss = model(input_ids=ids, position_ids=positions, labels=labels).loss
+            (loss / t.grad_accum_steps).backward()
+        total += loss.item() / t.grad_accum_steps
+    if t.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
 
 
 def _inputs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -219,7 +248,7 @@ class _EvalBlocks:
         return {"eval_loss": mean, "eval_ppl": float(torch.tensor(mean).exp())}
 
 
-def _autocast(config: Config, device):
+def autocast_for(config: Config, device):
     precision = config.train.precision
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -246,13 +275,14 @@ def _peak_memory_mb(device) -> float:
 
 
 def _metrics_logger(loop_config: dict[str, Any]):
-    """Rank 0's MLflow logger, attached to the run the driver started."""
-    run = loop_config.get("mlflow")
-    if not run:
-        return lambda metrics, step: None
-    from longtune.tracking import attach_run
+    """Rank 0's MLflow tracker, attached to the run the driver started (never ends it)."""
+    from longtune.config import TrackingConfig
+    from longtune.tracking import Tracker
 
-    return attach_run(run["tracking_uri"], run["run_id"]).log_metrics
+    run = loop_config.get("mlflow") or {}
+    return Tracker.attach(
+        TrackingConfig(**run.get("tracking", {"enabled": False})), run.get("run_id"), node_id="rank0"
+    )
 
 
 def _fmt(key: str, value: Any) -> str:

@@ -44,6 +44,9 @@ def finetune(config: Config, *, console=None, fault_injection: dict | None = Non
 
     console = console or Console(stderr=True)
     s, t = config.scaling, config.train
+    # Ray Train V2 routes workers' print() to its logger *and* to stdout, which the driver
+    # then shows twice; the workers' progress lines are plain prints (Ray forwards them once).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
     # ---------------------------------------------------------------- model, Ray, resources
     path = model_path(config.model)  # builds the seed model here, once, not in every worker
@@ -63,6 +66,7 @@ def finetune(config: Config, *, console=None, fault_injection: dict | None = Non
 
     # ---------------------------------------------------------------- tracking
     tracker = _start_tracking(config, run_name)
+    run_id = tracker.run_id if tracker else None
 
     # ---------------------------------------------------------------- fit
     loop_config = {
@@ -70,7 +74,7 @@ def finetune(config: Config, *, console=None, fault_injection: dict | None = Non
         "model_path": path,
         "has_eval": has_eval,
         "threads_per_worker": max(1, math.floor(s.cpus_per_worker)),
-        "mlflow": {"tracking_uri": tracker.tracking_uri, "run_id": tracker.run_id} if tracker else None,
+        "mlflow": {"tracking": tracker.cfg.model_dump(), "run_id": run_id} if tracker else None,
         "fault_injection": fault_injection,
     }
     trainer = TorchTrainer(
@@ -96,13 +100,15 @@ def finetune(config: Config, *, console=None, fault_injection: dict | None = Non
     )
     try:
         result = trainer.fit()
-    except Exception as exc:
+    except BaseException as exc:
         if tracker:
-            tracker.end("FAILED")
+            tracker.end_run("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        if isinstance(exc, KeyboardInterrupt):
+            raise
         raise TrainingSetupError(f"training run {run_name} failed: {_root_cause(exc)}") from exc
     if result.checkpoint is None:
         if tracker:
-            tracker.end("FAILED")
+            tracker.end_run("FAILED")
         raise TrainingSetupError(f"training run {run_name} ended without a checkpoint")
 
     # ---------------------------------------------------------------- artifacts
@@ -112,16 +118,14 @@ def finetune(config: Config, *, console=None, fault_injection: dict | None = Non
     if tracker:
         with result.checkpoint.as_directory() as local:
             tracker.log_artifact(Path(local) / "adapter", "adapter")
-        history = result.metrics_dataframe
-        if history is not None and "loss" in history:
-            tracker.log_loss_curve(list(zip(history["step"], history["loss"])))
-        tracker.end("FINISHED")
+        tracker.log_loss_curve(_curves(result.metrics_dataframe))
+        tracker.end_run("FINISHED")
     return FinetuneResult(
         run_name=run_name,
         checkpoint_path=checkpoint_path,
         adapter_path=adapter_path,
         metrics=metrics,
-        mlflow_run_id=tracker.run_id if tracker else None,
+        mlflow_run_id=run_id,
         tracking_uri=tracker.tracking_uri if tracker else None,
     )
 
@@ -165,7 +169,7 @@ def _check_resources(config: Config, ray, use_gpu: bool) -> None:
     problems = []
     if have.get("CPU", 0) < need_cpu:
         problems.append(
-            f"{s.num_workers} workers x {s.cpus_per_worker} CPU + 1 CPU for Ray Data = {need_cpu:g} "
+            f"{s.num_workers} workers x {s.cpus_per_worker:g} CPU + 1 CPU for Ray Data = {need_cpu:g} "
             f"logical CPUs, the cluster has {have.get('CPU', 0):g} (lower scaling.cpus_per_worker "
             "or scaling.num_workers, or raise scaling.local_num_cpus)"
         )
@@ -197,13 +201,28 @@ def _storage_path(configured: str | None, ray) -> str:
 
 
 def _start_tracking(config: Config, run_name: str):
+    """The job's MLflow run, started here on the driver; rank 0 attaches to it. The
+    resolved tracking config (absolute SQLite path) lets workers write to the same store."""
     if not config.tracking.enabled:
         return None
-    from longtune.tracking import Tracker
+    from longtune.tracking import Tracker, resolved_config
 
-    tracker = Tracker.start(config.tracking, run_name=run_name)
+    tracker = Tracker(resolved_config(config.tracking))
+    tracker.start_run(run_name, tags={"longtune.run_name": run_name, "longtune.job": "finetune"})
     tracker.log_config(config)
     return tracker
+
+
+def _curves(history) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) series of train loss and eval loss from the reported metrics."""
+    curves = {}
+    if history is None:
+        return curves
+    for name, column in (("train", "loss"), ("eval", "eval_loss")):
+        if column in history:
+            rows = history[["step", column]].dropna()
+            curves[name] = [(int(s), float(v)) for s, v in rows.itertuples(index=False)]
+    return curves
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -217,14 +236,14 @@ def _print_summary(result: FinetuneResult, console) -> None:
     from rich.table import Table
 
     table = Table(title=f"longtune finetune: {result.run_name}", show_header=False)
-    for key in ("loss", "eval_loss", "eval_ppl", "tokens_per_s", "peak_memory_mb"):
+    for key in ("step", "loss", "eval_loss", "eval_ppl", "tokens_per_s", "peak_memory_mb"):
         if key in result.metrics:
             table.add_row(key, f"{result.metrics[key]:.4g}")
-    table.add_row("adapter", result.adapter_path)
-    table.add_row("checkpoint", result.checkpoint_path)
-    if result.mlflow_run_id:
-        table.add_row("MLflow run", f"{result.mlflow_run_id} ({result.tracking_uri})")
     console.print(table)
-    if result.tracking_uri:
-        console.print(f"Open it with: mlflow ui --backend-store-uri {result.tracking_uri}")
-    console.print(f"Resume or continue with: train.run_name={result.run_name}")
+    # paths and commands in full, outside the table, so they can be copied
+    console.print(f"adapter:    {result.adapter_path}", soft_wrap=True)
+    console.print(f"checkpoint: {result.checkpoint_path}", soft_wrap=True)
+    if result.mlflow_run_id:
+        console.print(f"MLflow run: {result.mlflow_run_id} in {result.tracking_uri}", soft_wrap=True)
+        console.print(f"Open it with: mlflow ui --backend-store-uri {result.tracking_uri}", soft_wrap=True)
+    console.print(f"Relaunch with train.run_name={result.run_name} to resume this run.", soft_wrap=True)

@@ -1,0 +1,210 @@
+"""Training-step speed and memory: S2-Attn vs full attention, and Ray Train's overhead.
+
+    python benchmarks/train_step.py                     # contexts 4096, 8192, 16384
+    python benchmarks/train_step.py --contexts 4096 --skip-ray
+
+Part 1 — a seed-shaped Llama (hidden 256, 6 layers, 8 heads, vocab 8192, gradient
+checkpointing on) with LoRA+ as `longtune finetune` trains it (position interpolation from
+256 tokens, bf16 autocast where the CPU has it), one block of batch 1 per optimizer step.
+S2-Attn and full attention alternate on the same model in one process, so machine noise
+slows both alike; tokens/s is the median over --reps steps. Peak memory is the rise of the
+peak resident set during one step after a warm-up, in a fresh process per measurement.
+
+Part 2 — Ray Train's overhead: the same optimizer steps (longtune.train.loop's own
+functions, context --ray-context) timed in a plain loop in this process and inside a
+TorchTrainer with one worker holding the same number of threads. Prints a table, writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._common import median, peak_rise_bytes, run_isolated, write_json  # noqa: E402
+from longtune.config import Config, load_config  # noqa: E402
+
+SHAPE = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=6, num_attention_heads=8,
+             num_key_value_heads=8, vocab_size=8192, max_position_embeddings=256)
+
+
+def save_model(directory: Path) -> str:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**SHAPE)).save_pretrained(directory)
+    return str(directory)
+
+
+def config_for(model_dir: str, context: int, attention: str) -> Config:
+    return load_config(None, [f"model.name_or_path={model_dir}", f"model.target_context={context}",
+                              f"attention.type={attention}", "train.batch_size_per_worker=1",
+                              "train.warmup_steps=0"])
+
+
+class Stepper:
+    """One model, switchable between S2-Attn and full attention, stepping on random blocks."""
+
+    def __init__(self, model_dir: str, context: int):
+        from longtune.attention import use_full_attention, use_s2_attention
+        from longtune.train.loop import autocast_for, build_model, build_optimizer
+
+        self.config = config_for(model_dir, context, "s2")
+        self.model = build_model(self.config, model_dir, torch.device("cpu"))
+        self.params, self.optimizer, self.scheduler = build_optimizer(self.config, self.model)
+        self.autocast = autocast_for(self.config, torch.device("cpu"))
+        self.switch = {"s2": lambda: use_s2_attention(self.model, 0.25),
+                       "full": lambda: use_full_attention(self.model)}
+        gen = torch.Generator().manual_seed(0)
+        self.block = {"input_ids": torch.randint(0, SHAPE["vocab_size"], (1, context), generator=gen),
+                      "position_ids": torch.arange(context)[None]}
+        self.model.train()
+
+    def step(self, method: str) -> float:
+        from longtune.train.loop import optimizer_step
+
+        self.switch[method]()
+        start = time.perf_counter()
+        optimizer_step(self.model, iter([self.block]), self.params, self.optimizer, self.scheduler,
+                       self.config, self.autocast)
+        return time.perf_counter() - start
+
+
+def speed_rows(model_dir: str, args) -> list[dict]:
+    rows = []
+    for context in args.contexts:
+        stepper = Stepper(model_dir, context)
+        times = {"full": [], "s2": []}
+        for method in times:
+            stepper.step(method)  # warm-up
+        for _ in range(args.reps):
+            for method in times:
+                times[method].append(stepper.step(method))
+        del stepper
+        peaks = {m: int(run_isolated([__file__, "--_peak", m, str(context), model_dir])) for m in times}
+        row = {"context": context}
+        for m in times:
+            row[f"{m}_tokens_per_s"] = context / median(times[m])
+            row[f"{m}_peak_mib"] = peaks[m] / 2**20
+        row["speedup"] = row["s2_tokens_per_s"] / row["full_tokens_per_s"]
+        rows.append(row)
+        print(f"{context:7d} {row['full_tokens_per_s']:10.0f} {row['s2_tokens_per_s']:10.0f} "
+              f"{row['speedup']:7.2f}x {row['full_peak_mib']:10.0f} {row['s2_peak_mib']:10.0f}", flush=True)
+    return rows
+
+
+def measure_peak(method: str, context: int, model_dir: str) -> int:
+    stepper = Stepper(model_dir, context)
+    stepper.step(method)  # warm-up
+    return peak_rise_bytes(lambda: stepper.step(method))
+
+
+# -------------------------------------------------------------------- Ray Train overhead
+
+
+def _ray_loop(loop_config: dict) -> None:
+    """The timed steps inside a Ray Train worker (the loop's functions, the worker's env)."""
+    import ray.train
+    import ray.train.torch
+
+    torch.set_num_threads(loop_config["threads"])
+    from longtune.train.loop import autocast_for, build_model, build_optimizer, optimizer_step
+
+    config = Config.model_validate(loop_config["config"])
+    model = build_model(config, loop_config["model_dir"], torch.device("cpu"))
+    wrapped = ray.train.torch.prepare_model(model, move_to_device=False)
+    params, optimizer, scheduler = build_optimizer(config, model)
+    autocast = autocast_for(config, torch.device("cpu"))
+    shard = ray.train.get_dataset_shard("train")
+    times = []
+    batches = iter(shard.iter_torch_batches(batch_size=1))
+    model.train()
+    for i in range(loop_config["steps"]):
+        start = time.perf_counter()
+        optimizer_step(wrapped, batches, params, optimizer, scheduler, config, autocast)
+        times.append(time.perf_counter() - start)
+    ray.train.report({"step_times": times})
+
+
+def plain_loop(config: Config, model_dir: str, blocks: list[dict], threads: int) -> list[float]:
+    from longtune.train.loop import autocast_for, build_model, build_optimizer, optimizer_step
+
+    torch.set_num_threads(threads)
+    model = build_model(config, model_dir, torch.device("cpu"))
+    params, optimizer, scheduler = build_optimizer(config, model)
+    autocast = autocast_for(config, torch.device("cpu"))
+    batches = iter({k: torch.tensor(v)[None] for k, v in b.items()} for b in blocks)
+    model.train()
+    times = []
+    for _ in range(len(blocks)):
+        start = time.perf_counter()
+        optimizer_step(model, batches, params, optimizer, scheduler, config, autocast)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def ray_overhead(model_dir: str, args) -> dict:
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    context, steps, warm = args.ray_context, args.ray_steps, 2
+    config = config_for(model_dir, context, "s2")
+    gen = torch.Generator().manual_seed(1)
+    blocks = [{"input_ids": torch.randint(0, SHAPE["vocab_size"], (context,), generator=gen).tolist(),
+               "position_ids": list(range(context))} for _ in range(steps)]
+    threads = torch.get_num_threads()
+    plain = plain_loop(config, model_dir, blocks, threads)[warm:]
+
+    ray.init(num_cpus=threads + 1, include_dashboard=False, log_to_driver=False)
+    with tempfile.TemporaryDirectory() as storage:
+        trainer = TorchTrainer(
+            _ray_loop,
+            train_loop_config={"config": config.to_dict(), "model_dir": model_dir, "steps": steps,
+                               "threads": threads},
+            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": threads}),
+            run_config=RunConfig(name="overhead", storage_path=storage),
+            datasets={"train": ray.data.from_items(blocks)},
+        )
+        in_ray = trainer.fit().metrics["step_times"][warm:]
+    ray.shutdown()
+    row = {"context": context, "steps": len(plain), "threads": threads,
+           "plain_step_s": median(plain), "ray_step_s": median(in_ray)}
+    row["overhead_pct"] = 100 * (row["ray_step_s"] / row["plain_step_s"] - 1)
+    print(f"Ray Train overhead at {context} tokens, {threads} threads: plain {row['plain_step_s']:.3f} s/step, "
+          f"TorchTrainer {row['ray_step_s']:.3f} s/step -> {row['overhead_pct']:+.1f}%")
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192, 16384])
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--ray-context", type=int, default=4096)
+    p.add_argument("--ray-steps", type=int, default=8)
+    p.add_argument("--skip-ray", action="store_true")
+    p.add_argument("--out", default="benchmarks/results/train_step.json")
+    p.add_argument("--_peak", nargs=3, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args._peak:
+        print(measure_peak(args._peak[0], int(args._peak[1]), args._peak[2]))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = save_model(Path(tmp) / "model")
+        print(f"Training steps of a seed-shaped Llama ({SHAPE['num_hidden_layers']} layers, hidden "
+              f"{SHAPE['hidden_size']}, vocab {SHAPE['vocab_size']}) with LoRA+, gradient checkpointing, "
+              f"batch 1, torch {torch.__version__}, {torch.get_num_threads()} threads")
+        header = f"{'context':>7} {'full tok/s':>10} {'s2 tok/s':>10} {'speedup':>8} {'full MiB':>10} {'s2 MiB':>10}"
+        print(header + "\n" + "-" * len(header))
+        rows = speed_rows(model_dir, args)
+        overhead = None if args.skip_ray else ray_overhead(model_dir, args)
+    print(f"wrote {write_json(args.out, {'shape': SHAPE, 'rows': rows, 'ray_overhead': overhead})}")
+
+
+if __name__ == "__main__":
+    main()

@@ -22,17 +22,20 @@ def local_cpus_needed(config: Config) -> int:
 
 def init_ray(config: Config, *, log_to_driver: bool = True):
     """Join the cluster in scaling.ray_address or $RAY_ADDRESS (set by `ray job submit`),
-    else start a local Ray. Returns the ray module."""
+    else one already running on this machine (`ray start --head`), else start a local Ray
+    sized by ``local_cpus_needed``. Returns the ray module."""
     import ray
 
     if ray.is_initialized():
         return ray
     address = config.scaling.ray_address or os.environ.get("RAY_ADDRESS")
-    # Workers must see the tree the driver runs (pipelines/ puts it on sys.path).
     runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=log_to_driver)
-    else:
+        return ray
+    try:
+        ray.init(address="auto", runtime_env=runtime_env, log_to_driver=log_to_driver)
+    except ConnectionError:  # none running here: start our own
         ray.init(
             num_cpus=local_cpus_needed(config),
             runtime_env=runtime_env,

@@ -50,18 +50,21 @@ def seed_tokenizer(cache_dir: str | os.PathLike[str] | None = None):
     return tokenizer
 
 
-def _seed_texts() -> list[str]:
-    from longtune.data.stdlib import stdlib_files
+def _seed_documents() -> list[tuple[str, str]]:
+    """(text, key) of the stdlib's .py files of at least SEED_MIN_DOC_CHARS characters, in
+    sorted order; the key (path below the stdlib root) decides the eval split."""
+    from longtune.data.stdlib import stdlib_files, stdlib_root
 
-    texts = []
-    for path in stdlib_files():
+    root = stdlib_root()
+    documents = []
+    for path in stdlib_files(root):
         try:
             text = path.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
             continue  # a few test modules are deliberately not UTF-8
         if len(text) >= SEED_MIN_DOC_CHARS:
-            texts.append(text)
-    return texts
+            documents.append((text, path.relative_to(root).as_posix()))
+    return documents
 
 
 def train_seed_tokenizer(texts: list[str]):
@@ -87,20 +90,24 @@ def train_seed_tokenizer(texts: list[str]):
 
 
 def _build_tokenizer(target: Path) -> None:
-    tokenizer = train_seed_tokenizer(_seed_texts())
+    tokenizer = train_seed_tokenizer([text for text, _ in _seed_documents()])
+    _publish(target, lambda tmp: tokenizer.save_pretrained(str(tmp)), "tokenizer.json")
+
+
+def _publish(target: Path, write, complete_marker: str) -> None:
+    """Write a directory through ``write(tmp)`` beside ``target`` and rename it into place.
+    When another process got there first, its result (built the same way) stands."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".tokenizer.tmp-{uuid.uuid4().hex}"
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
     try:
-        tokenizer.save_pretrained(str(tmp))
+        write(tmp)
         try:
             os.rename(tmp, target)
         except OSError:
-            # Another process finished first; its tokenizer is the same one.
-            if not (target / "tokenizer.json").is_file():
+            if not (target / complete_marker).is_file():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
 
 
 # ------------------------------------------------------------------ the seed model
@@ -126,19 +133,13 @@ def ensure_seed_model(cache_dir: str | os.PathLike[str] | None = None, *, consol
         return target
     tokenizer = seed_tokenizer(cache_dir)
     model, report = pretrain_seed_model(tokenizer, console=console)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".model.tmp-{uuid.uuid4().hex}"
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        (tmp / "seed.json").write_text(json.dumps(report, indent=2))  # written last: complete
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "seed.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "seed.json").write_text(json.dumps(report, indent=2))  # last: complete
+
+    _publish(target, write, "seed.json")
     return target
 
 
@@ -150,33 +151,16 @@ def seed_corpus_tokens(tokenizer) -> tuple["torch.Tensor", "torch.Tensor"]:
 
     from longtune.config import DataConfig
     from longtune.data.sources import split_of
-    from longtune.data.stdlib import stdlib_root
 
     eval_fraction = DataConfig().eval_fraction
-    root = stdlib_root()
+    documents = _seed_documents()
+    encoded = tokenizer([text for text, _ in documents], add_special_tokens=False)["input_ids"]
     streams: dict[str, list[int]] = {"train": [], "eval": []}
-    keys = _seed_text_keys(root)
-    texts = [t for t, _ in keys]
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    for (_, key), ids in zip(keys, encoded):
+    for (_, key), ids in zip(documents, encoded):
         stream = streams[split_of(key, eval_fraction)]
         stream.extend(ids)
         stream.append(tokenizer.eos_token_id)
-    return (torch.tensor(streams["train"]), torch.tensor(streams["eval"]))
-
-
-def _seed_text_keys(root: Path) -> list[tuple[str, str]]:
-    from longtune.data.stdlib import stdlib_files
-
-    out = []
-    for path in stdlib_files(root):
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        if len(text) >= SEED_MIN_DOC_CHARS:
-            out.append((text, path.relative_to(root).as_posix()))
-    return out
+    return torch.tensor(streams["train"]), torch.tensor(streams["eval"])
 
 
 def seed_model_config(tokenizer):

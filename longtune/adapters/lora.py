@@ -269,14 +269,3 @@ def _trains_tied_embedding(model: nn.Module, saved: list[str]) -> bool:
     tied_names = [names.get(id(inp), ""), names.get(id(out), "")]
     return any(n and n.endswith(s) for n in tied_names for s in saved)
 
-
-__all__ = [
-    "LORA2_NOT_IMPLEMENTED",
-    "apply_adapter",
-    "attention_projections",
-    "load_adapter",
-    "lora_config",
-    "parameter_counts",
-    "save_adapter",
-    "trainable_modules",
-]

@@ -1,7 +1,7 @@
 """Training-step speed and memory: S2-Attn vs full attention, and Ray Train's overhead.
 
     python benchmarks/train_step.py                     # contexts 4096, 8192, 16384
-    python benchmarks/train_step.py --contexts 4096 --skip-ray
+    python benchmarks/train_step.py --contexts 4096 --parts speed
 
 Part 1 — a seed-shaped Llama (hidden 256, 6 layers, 8 heads, vocab 8192, gradient
 checkpointing on) with LoRA+ as `longtune finetune` trains it (position interpolation from
@@ -128,7 +128,9 @@ def _ray_loop(loop_config: dict) -> None:
         start = time.perf_counter()
         optimizer_step(wrapped, batches, params, optimizer, scheduler, config, autocast)
         times.append(time.perf_counter() - start)
-    ray.train.report({"step_times": times})
+    # Train V2 keeps only the metrics reported with a checkpoint in the Result
+    with tempfile.TemporaryDirectory() as directory:
+        ray.train.report({"step_times": times}, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
 def plain_loop(config: Config, model_dir: str, blocks: list[dict], threads: int) -> list[float]:
@@ -187,7 +189,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--ray-context", type=int, default=4096)
     p.add_argument("--ray-steps", type=int, default=8)
-    p.add_argument("--skip-ray", action="store_true")
+    p.add_argument("--parts", nargs="+", default=["speed", "ray"], choices=["speed", "ray"])
     p.add_argument("--out", default="benchmarks/results/train_step.json")
     p.add_argument("--_peak", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -199,10 +201,13 @@ def main() -> None:
         print(f"Training steps of a seed-shaped Llama ({SHAPE['num_hidden_layers']} layers, hidden "
               f"{SHAPE['hidden_size']}, vocab {SHAPE['vocab_size']}) with LoRA+, gradient checkpointing, "
               f"batch 1, torch {torch.__version__}, {torch.get_num_threads()} threads")
-        header = f"{'context':>7} {'full tok/s':>10} {'s2 tok/s':>10} {'speedup':>8} {'full MiB':>10} {'s2 MiB':>10}"
-        print(header + "\n" + "-" * len(header))
-        rows = speed_rows(model_dir, args)
-        overhead = None if args.skip_ray else ray_overhead(model_dir, args)
+        rows, overhead = [], None
+        if "speed" in args.parts:
+            header = f"{'context':>7} {'full tok/s':>10} {'s2 tok/s':>10} {'speedup':>8} {'full MiB':>10} {'s2 MiB':>10}"
+            print(header + "\n" + "-" * len(header))
+            rows = speed_rows(model_dir, args)
+        if "ray" in args.parts:
+            overhead = ray_overhead(model_dir, args)
     print(f"wrote {write_json(args.out, {'shape': SHAPE, 'rows': rows, 'ray_overhead': overhead})}")
 
 

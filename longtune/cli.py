@@ -62,7 +62,7 @@ COMMANDS: tuple[Command, ...] = (
         6,
         flags=(
             Flag("--model", "model.name_or_path", "base model (hub id or path)"),
-            Flag("--adapter", "eval.adapter_path", "adapter directory to apply"),
+            Flag("--adapter", "model.adapter_path", "adapter directory to apply"),
             Flag("--lengths", "eval.lengths", "context lengths to score", int, "+"),
         ),
     ),
@@ -75,6 +75,11 @@ COMMANDS: tuple[Command, ...] = (
         "export",
         "merge an adapter into its base model and save a plain Hugging Face model",
         6,
+        flags=(
+            Flag("--model", "model.name_or_path", "base model (hub id or path)"),
+            Flag("--adapter", "model.adapter_path", "adapter directory to merge"),
+            Flag("--out", "export.output_dir", "where to write the merged model"),
+        ),
     ),
 )
 

@@ -61,6 +61,11 @@ class ModelConfig(_Section):
         "auto", description="Weight dtype: auto = bfloat16 on GPU, float32 on CPU."
     )
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward.")
+    adapter_path: str | None = Field(
+        None,
+        description="A trained adapter (PEFT directory, e.g. a checkpoint's adapter/) applied on "
+        "top of the base model by evaluate and export.",
+    )
     cache_dir: str | None = Field(
         None,
         description="Where the seed model is built and cached (default ~/.cache/longtune).",
@@ -236,9 +241,6 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
-    adapter_path: str | None = Field(
-        None, description="Adapter directory applied to model.name_or_path before scoring."
-    )
     lengths: list[int] = Field(
         default_factory=lambda: [256, 512, 1024], description="Context lengths to score."
     )
@@ -261,6 +263,15 @@ class EvalConfig(_Section):
         if any(v <= 0 for v in value):
             raise ValueError(f"lengths must be positive token counts, got {value}")
         return value
+
+
+class ExportConfig(_Section):
+    output_dir: str | None = Field(
+        None, description="Where the merged model is written; outputs/export/<name> when unset."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weight dtype of the exported model."
+    )
 
 
 class TuneConfig(_Section):
@@ -336,6 +347,7 @@ class Config(_Section):
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)

@@ -8,6 +8,7 @@ as Ray Train requires.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 import time
@@ -25,6 +26,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch.distributed as dist
 
+    # One INFO line per report from Ray Train's worker context is noise next to our own log.
+    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
     config: Config = from_dict(loop_config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -108,7 +111,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             "tokens_seen": state.tokens_seen,
             "epoch": state.epoch,
         }
-        window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
+        window_steps, window_loss = 0, 0.0
 
         # ------------------------------------------------------------ eval, checkpoint, report
         if rank == 0 and checkpoint_now and eval_blocks is not None:

@@ -118,7 +118,7 @@ def finetune(config: Config, *, console=None, fault_injection: dict | None = Non
     if tracker:
         with result.checkpoint.as_directory() as local:
             tracker.log_artifact(Path(local) / "adapter", "adapter")
-        tracker.log_loss_curve(_curves(result.metrics_dataframe))
+        tracker.log_loss_curve(_curves(tracker, run_id))
         tracker.end_run("FINISHED")
     return FinetuneResult(
         run_name=run_name,
@@ -213,15 +213,14 @@ def _start_tracking(config: Config, run_name: str):
     return tracker
 
 
-def _curves(history) -> dict[str, list[tuple[int, float]]]:
-    """(step, value) series of train loss and eval loss from the reported metrics."""
+def _curves(tracker, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) series of train and eval loss, from the run's MLflow history (Ray
+    Train V2's Result keeps only the metrics reported with checkpoints)."""
     curves = {}
-    if history is None:
-        return curves
-    for name, column in (("train", "loss"), ("eval", "eval_loss")):
-        if column in history:
-            rows = history[["step", column]].dropna()
-            curves[name] = [(int(s), float(v)) for s, v in rows.itertuples(index=False)]
+    for name, metric in (("train", "loss"), ("eval", "eval_loss")):
+        history = tracker.client.get_metric_history(run_id, metric)
+        if history:
+            curves[name] = [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)]
     return curves
 
 

@@ -75,6 +75,7 @@ COMMANDS: tuple[Command, ...] = (
         "export",
         "merge an adapter into its base model and save a plain Hugging Face model",
         6,
+        run="longtune.export:export_command",
         flags=(
             Flag("--model", "model.name_or_path", "base model (hub id or path)"),
             Flag("--adapter", "model.adapter_path", "adapter directory to merge"),

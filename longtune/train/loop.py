@@ -125,6 +125,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         else:
             ray.train.report(metrics)
+        if checkpoint_now and state.step < t.max_steps:
+            # Ray Train registers a checkpoint when its controller consumes the report, and a
+            # worker's report queue holds one result: this second report returns only after
+            # the checkpoint's has been consumed, so a crash from here on resumes from it.
+            ray.train.report({**metrics, "checkpoint_barrier": 1})
         window_start = time.perf_counter()  # eval and checkpoint time is not training time
     if tracker is not None:
         tracker.close()  # stops this process's system metrics; the driver ends the run

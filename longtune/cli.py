@@ -108,7 +108,7 @@ def add_command_arguments(parser: argparse.ArgumentParser, cmd: Command) -> None
         )
     # Overrides are collected from the leftover arguments (see main): a `nargs="*"`
     # positional beside `nargs="+"` flags makes argparse misread `--source a b x=1`.
-    parser.usage = f"%(prog)s [options] [KEY=VALUE ...]"
+    parser.usage = "%(prog)s [options] [KEY=VALUE ...]"
     parser.epilog = "KEY=VALUE: dotted config overrides, e.g. train.max_steps=50 adapter.rank=16"
 
 

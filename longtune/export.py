@@ -34,10 +34,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +44,7 @@ import torch
 import yaml
 from pydantic import ValidationError
 
+from longtune.atomic import publish_dir
 from longtune.config import SEED_MODEL, Config, ConfigError, ModelConfig
 
 MARKER = "longtune_export.json"
@@ -291,24 +290,11 @@ def check_replaceable(target: Path) -> None:
 def publish(target: Path, write) -> None:
     """Call ``write(tmp)`` on a temporary directory beside ``target``, then rename it into
     place; a previous export at ``target`` is moved aside only once the new one is complete."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    token = uuid.uuid4().hex[:8]
-    tmp = target.parent / f".{target.name}.tmp-{token}"
-    old = target.parent / f".{target.name}.old-{token}"
-    try:
+    def write_and_recheck(tmp: Path) -> None:
         write(tmp)
         check_replaceable(target)  # again: something may have appeared meanwhile
-        if target.exists():
-            os.replace(target, old)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if old.exists() and not target.exists():
-                os.replace(old, target)  # put the previous export back
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
+
+    publish_dir(target, write_and_recheck)
 
 
 def _write(tmp: Path, model, tokenizer, record: dict[str, Any]) -> None:

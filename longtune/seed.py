@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from longtune.atomic import publish_dir
 from longtune.config import SEED_MODEL
+
+if TYPE_CHECKING:  # torch is imported lazily: the tokenizer alone does not need it
+    import torch
 
 SEED_VOCAB_SIZE = 4096
 SEED_MIN_DOC_CHARS = 8000  # the recipe's corpus: stdlib modules at least this long
@@ -91,23 +94,8 @@ def train_seed_tokenizer(texts: list[str]):
 
 def _build_tokenizer(target: Path) -> None:
     tokenizer = train_seed_tokenizer([text for text, _ in _seed_documents()])
-    _publish(target, lambda tmp: tokenizer.save_pretrained(str(tmp)), "tokenizer.json")
-
-
-def _publish(target: Path, write, complete_marker: str) -> None:
-    """Write a directory through ``write(tmp)`` beside ``target`` and rename it into place.
-    When another process got there first, its result (built the same way) stands."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
-    try:
-        write(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / complete_marker).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # concurrent builders make the same tokenizer: the first one to finish stands
+    publish_dir(target, lambda tmp: tokenizer.save_pretrained(str(tmp)), replace=False)
 
 
 # ------------------------------------------------------------------ the seed model
@@ -139,7 +127,7 @@ def ensure_seed_model(cache_dir: str | os.PathLike[str] | None = None, *, consol
         tokenizer.save_pretrained(str(tmp))
         (tmp / "seed.json").write_text(json.dumps(report, indent=2))  # last: complete
 
-    _publish(target, write, "seed.json")
+    publish_dir(target, write, replace=False)
     return target
 
 

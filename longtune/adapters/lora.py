@@ -31,8 +31,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import uuid
 import warnings
 from pathlib import Path
 
@@ -40,6 +38,7 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from torch import nn
 
+from longtune.atomic import publish_dir
 from longtune.config import AdapterConfig
 
 LORA2_NOT_IMPLEMENTED = "adapter.type=lora2: LoRA² is not implemented yet (issue #7)"
@@ -154,25 +153,7 @@ def save_adapter(model: PeftModel, path: str | os.PathLike[str]) -> Path:
     ``path`` is moved aside only after the new one is complete, then deleted."""
     if not isinstance(model, PeftModel):
         raise TypeError(f"save_adapter expects a peft.PeftModel, got {type(model).__name__}")
-    target = Path(path).absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    token = uuid.uuid4().hex[:8]
-    tmp = target.parent / f".{target.name}.tmp-{token}"
-    old = target.parent / f".{target.name}.old-{token}"
-    try:
-        model.save_pretrained(str(tmp))
-        if target.exists():
-            os.replace(target, old)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if old.exists() and not target.exists():
-                os.replace(old, target)  # put the previous adapter back
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
-    return target
+    return publish_dir(path, lambda tmp: model.save_pretrained(str(tmp)))
 
 
 def load_adapter(

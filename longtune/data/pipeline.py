@@ -18,7 +18,6 @@ manifest that lists them is written last: a prefix without a manifest is unfinis
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import sys
@@ -32,6 +31,7 @@ from typing import Any
 import ray
 from ray.data import ActorPoolStrategy, Datasink
 
+from longtune.atomic import swap_into_place
 from longtune.config import Config
 from longtune.data.errors import DataError
 from longtune.data.manifest import (
@@ -349,7 +349,7 @@ def prepare(config: Config, *, console=None) -> dict[str, Any]:
             shutil.rmtree(staging, ignore_errors=True)
         raise
     if not remote:
-        _publish(Path(staging), Path(out_root))
+        swap_into_place(staging, out_root)  # an older prepared dataset there goes
     else:
         _remove_stale(fs, out_root, manifest)
     _report(manifest, console)
@@ -360,18 +360,6 @@ def _exists(fs, path: str) -> bool:
     from pyarrow.fs import FileType
 
     return fs.get_file_info(path).type != FileType.NotFound
-
-
-def _publish(staging: Path, out: Path) -> None:
-    """Rename the finished dataset into place; an older prepared dataset there goes."""
-    if out.exists():
-        old = out.with_name(f"{out.name}.old-{uuid.uuid4().hex[:12]}")
-        os.rename(out, old)
-        os.rename(staging, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(staging, out)
 
 
 def _remove_stale(fs, root: str, manifest: dict[str, Any]) -> None:

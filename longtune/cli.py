@@ -60,6 +60,7 @@ COMMANDS: tuple[Command, ...] = (
         "evaluate",
         "perplexity by context length and passkey retrieval, full attention",
         6,
+        run="longtune.eval.report:evaluate_command",
         flags=(
             Flag("--model", "model.name_or_path", "base model (hub id or path)"),
             Flag("--adapter", "model.adapter_path", "adapter directory to apply"),

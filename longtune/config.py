@@ -252,6 +252,11 @@ class EvalConfig(_Section):
         default_factory=lambda: [256, 512, 1024], description="Passkey test lengths."
     )
     passkey_trials: int = Field(10, ge=0, description="Passkey trials per length.")
+    passkey_seed: int = Field(
+        0,
+        description="Seed of the first passkey trial (trial i uses seed + i): the same keys "
+        "and depths on every run.",
+    )
     batch_size: int = Field(4, gt=0, description="Windows per forward pass.")
     loss_blocks: int = Field(
         16, ge=0, description="Held-out blocks scored (full attention) at each training checkpoint."

@@ -1,0 +1,351 @@
+"""`longtune evaluate`: load the model as configured, score perplexity by context length and
+passkey retrieval with full attention, print a table, log everything to MLflow.
+
+Reads top to bottom: check paths (fail fast, one line) -> tokenizer and held-out documents
+-> base model with position interpolation to model.target_context, plus the adapter in
+model.adapter_path -> perplexity and passkey (``run_evaluation``) -> MLflow run tagged
+``longtune.job=evaluate``: the config and the resolved model facts as params; metrics
+``ppl_<L>``, ``eval_nll_<L>``, ``eval_tokens_<L>``, ``passkey_acc_<L>`` (step 0) and the
+curves ``ppl_vs_length`` / ``passkey_acc_vs_length`` (step = length); artifacts
+``plots/perplexity_vs_length.png``, ``plots/passkey_vs_length.png`` and
+``eval/results.json`` (every length's scores and every passkey trial) -> the table.
+
+``evaluate_model`` is the same evaluation for a model already in memory (the finetune
+pipeline calls it before and after training).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from longtune.config import SEED_MODEL, Config
+from longtune.eval import EvalError
+from longtune.eval.passkey import PasskeyReport, passkey_retrieval
+from longtune.eval.perplexity import PerplexityReport, load_eval_documents, perplexity
+
+PPL_PLOT = "perplexity_vs_length.png"
+PASSKEY_PLOT = "passkey_vs_length.png"
+
+
+@dataclass
+class EvalReport:
+    perplexity: PerplexityReport | None
+    passkey: PasskeyReport
+    model_info: dict[str, Any] = field(default_factory=dict)  # original/target context, factor, ...
+
+    def metrics(self) -> dict[str, float]:
+        """``ppl_<L>``, ``eval_nll_<L>``, ``eval_tokens_<L>``, ``passkey_acc_<L>``."""
+        out = self.perplexity.metrics() if self.perplexity else {}
+        out.update(self.passkey.metrics())
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        ppl = self.perplexity
+        return {
+            "model": self.model_info,
+            "perplexity": None
+            if ppl is None
+            else {
+                "stride": ppl.stride,
+                "documents": ppl.documents,
+                "documents_used": ppl.documents_used,
+                "documents_too_short": ppl.documents_too_short,
+                "spans": ppl.spans,
+                "spans_available": ppl.spans_available,
+                "lengths": [asdict(s) for s in ppl.scores.values()],
+            },
+            "passkey": {
+                "lengths": [
+                    {**asdict(s), "accuracy": s.accuracy} for s in self.passkey.scores.values()
+                ],
+                "trials": [asdict(t) for t in self.passkey.trials],
+            },
+        }
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def run_evaluation(
+    model,
+    tokenizer,
+    config: Config,
+    *,
+    documents: list[list[int]] | None = None,
+    console=None,
+    progress: bool = True,
+) -> EvalReport:
+    """Perplexity at ``eval.lengths`` and passkey retrieval at ``eval.passkey_lengths`` for a
+    model in memory, full attention, in eval mode (its mode and attention are restored after).
+    ``documents`` (token ids from ``load_eval_documents``) are read when not given."""
+    e = config.eval
+    ppl = None
+    if e.lengths:
+        if documents is None:
+            documents = load_eval_documents(config, tokenizer)
+        ppl = perplexity(
+            model,
+            documents,
+            e.lengths,
+            stride=e.stride,
+            max_eval_tokens=e.max_eval_tokens,
+            batch_size=e.batch_size,
+            console=console,
+            progress=progress,
+        )
+    passkey = passkey_retrieval(
+        model,
+        tokenizer,
+        e.passkey_lengths,
+        e.passkey_trials,
+        seed=e.passkey_seed,
+        console=console,
+        progress=progress,
+    )
+    return EvalReport(ppl, passkey)
+
+
+def evaluate_model(
+    model,
+    tokenizer,
+    config: Config,
+    *,
+    documents: list[list[int]] | None = None,
+    console=None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """``run_evaluation(...).metrics()``: {"ppl_256": ..., "eval_nll_256": ...,
+    "eval_tokens_256": ..., "passkey_acc_256": ..., ...}."""
+    return run_evaluation(
+        model, tokenizer, config, documents=documents, console=console, progress=progress
+    ).metrics()
+
+
+# ---------------------------------------------------------------- presenting
+
+
+def results_table(report: EvalReport, title: str = "longtune evaluate"):
+    """A rich table: one row per length, perplexity and passkey accuracy side by side."""
+    from rich.table import Table
+
+    ppl = report.perplexity.scores if report.perplexity else {}
+    keys = report.passkey.scores
+    info = report.model_info
+    caption = None
+    if info.get("original_context"):
+        caption = (
+            f"trained context {info['original_context']:,}, read at up to "
+            f"{info['target_context']:,} (linear position interpolation x{info['rope_factor']:g})"
+        )
+    table = Table(title=title, caption=caption)
+    table.add_column("length", justify="right")
+    table.add_column("scored tokens", justify="right")
+    table.add_column("NLL", justify="right")
+    table.add_column("perplexity", justify="right")
+    table.add_column("passkey", justify="right")
+    for n in sorted(set(ppl) | set(keys)):
+        s, k = ppl.get(n), keys.get(n)
+        table.add_row(
+            f"{n:,}",
+            f"{s.tokens:,}" if s else "-",
+            f"{s.nll:.4f}" if s else "-",
+            f"{s.ppl:.2f}" if s else "-",
+            f"{k.passed}/{k.trials} ({k.accuracy:.0%})" if k else "-",
+        )
+    return table
+
+
+def _figure():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def _mark_contexts(ax, info: dict[str, Any]) -> None:
+    for key, label, style in (("original_context", "trained", ":"), ("target_context", "target", "--")):
+        if info.get(key):
+            ax.axvline(info[key], color="grey", linestyle=style, linewidth=1, label=f"{label} context")
+
+
+def _save(fig, ax, path: str | os.PathLike[str]) -> Path:
+    ax.set_xscale("log", base=2)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png")
+    return out
+
+
+def plot_perplexity(report: EvalReport, path: str | os.PathLike[str]) -> Path | None:
+    """PNG of perplexity against context length (log2 axis); None without scores."""
+    scores = report.perplexity.scores if report.perplexity else {}
+    points = [(n, s.ppl) for n, s in sorted(scores.items()) if math.isfinite(s.ppl)]
+    if not points:
+        return None
+    fig, ax = _figure()
+    ax.plot([n for n, _ in points], [p for _, p in points], marker="o", label="perplexity")
+    _mark_contexts(ax, report.model_info)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("perplexity")
+    scored = report.perplexity.spans * report.perplexity.stride
+    ax.set_title(f"perplexity vs context length (the same {scored:,} tokens)")
+    return _save(fig, ax, path)
+
+
+def plot_passkey(report: EvalReport, path: str | os.PathLike[str]) -> Path | None:
+    """PNG of passkey accuracy against prompt length (log2 axis); None without trials."""
+    scores = sorted(report.passkey.scores.items())
+    if not scores:
+        return None
+    fig, ax = _figure()
+    ax.plot([n for n, _ in scores], [s.accuracy for _, s in scores], marker="o", label="accuracy")
+    _mark_contexts(ax, report.model_info)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("passkey accuracy")
+    ax.set_title(f"passkey retrieval ({scores[0][1].trials} trials per length)")
+    return _save(fig, ax, path)
+
+
+def log_report(tracker, report: EvalReport) -> None:
+    """Metrics, length curves, plots and results.json into the tracker's run."""
+    tracker.log_metrics(report.metrics(), step=0)
+    if report.perplexity:
+        for n, s in report.perplexity.scores.items():
+            tracker.log_metrics({"ppl_vs_length": s.ppl}, step=n)
+    for n, s in report.passkey.scores.items():
+        tracker.log_metrics({"passkey_acc_vs_length": s.accuracy}, step=n)
+    with tempfile.TemporaryDirectory(prefix="longtune-eval-") as tmp:
+        for png in (plot_perplexity(report, Path(tmp) / PPL_PLOT), plot_passkey(report, Path(tmp) / PASSKEY_PLOT)):
+            if png is not None:
+                tracker.log_artifact(png, "plots")
+        results = Path(tmp) / "results.json"
+        results.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        tracker.log_artifact(results, "eval")
+
+
+# ---------------------------------------------------------------- the job
+
+
+def evaluate_command(config: Config) -> int:
+    from rich.console import Console
+
+    from longtune.data.errors import DataError
+    from longtune.models import ModelError
+
+    try:
+        evaluate(config, console=Console(stderr=True), out=Console())
+    except (EvalError, DataError, ModelError) as err:
+        print(f"longtune evaluate: {_one_line(err)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def evaluate(config: Config, *, console=None, out=None) -> tuple[EvalReport, str | None]:
+    """The job: returns the report and the MLflow run id (None with tracking off)."""
+    import torch
+    from rich.console import Console
+
+    from longtune.attention import use_full_attention
+    from longtune.models import load_model, load_tokenizer_for
+
+    console = console or Console(stderr=True)
+    out = out or Console()
+    m = config.model
+
+    # ---------------------------------------------------------------- paths, data
+    _check_paths(config)
+    tokenizer = load_tokenizer_for(m, config.data.tokenizer)
+    documents = load_eval_documents(config, tokenizer) if config.eval.lengths else None
+
+    # ---------------------------------------------------------------- model
+    on_gpu = torch.cuda.is_available()
+    model, info = load_model(m, on_gpu=on_gpu, for_training=False)
+    if m.adapter_path:
+        model = _with_adapter(model, m.adapter_path)
+    model = use_full_attention(model).to("cuda" if on_gpu else "cpu").eval()
+    info = {**info, "adapter_path": m.adapter_path, "device": "cuda" if on_gpu else "cpu"}
+    console.print(
+        f"[bold]longtune evaluate[/] {m.name_or_path}{' + ' + m.adapter_path if m.adapter_path else ''}: "
+        f"trained context {info['original_context']:,}, positions interpolated to "
+        f"{info['target_context']:,} (x{info['rope_factor']:g}); lengths {config.eval.lengths}, "
+        f"passkey {config.eval.passkey_lengths} x {config.eval.passkey_trials}"
+    )
+
+    # ---------------------------------------------------------------- tracking
+    tracker = _start_tracking(config, info)
+
+    # ---------------------------------------------------------------- evaluate
+    try:
+        report = run_evaluation(model, tokenizer, config, documents=documents, console=console)
+        report.model_info = info
+        if tracker:
+            log_report(tracker, report)
+    except BaseException as exc:
+        if tracker:
+            tracker.end_run("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    if tracker:
+        tracker.end_run("FINISHED")
+
+    # ---------------------------------------------------------------- summary
+    title = f"longtune evaluate: {m.name_or_path}" + (" + adapter" if m.adapter_path else "")
+    out.print(results_table(report, title))
+    if report.perplexity:
+        out.print(report.perplexity.summary(), soft_wrap=True)
+    run_id = tracker.run_id if tracker else None
+    if tracker:
+        out.print(f"MLflow run: {run_id} in {tracker.tracking_uri}", soft_wrap=True)
+        out.print(f"Open it with: mlflow ui --backend-store-uri {tracker.tracking_uri}", soft_wrap=True)
+    return report, run_id
+
+
+def _check_paths(config: Config) -> None:
+    """A local model or adapter path that does not exist fails here, in one line, before
+    anything is loaded (and a typo never becomes a hub lookup)."""
+    name = config.model.name_or_path
+    if name != SEED_MODEL and name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
+        raise EvalError(f"model path {name!r} does not exist (model.name_or_path)")
+    adapter = config.model.adapter_path
+    if adapter and not Path(adapter).expanduser().exists():
+        raise EvalError(f"adapter path {adapter!r} does not exist (model.adapter_path)")
+
+
+def _with_adapter(model, path: str):
+    from longtune.adapters import load_adapter
+
+    try:
+        return load_adapter(model, Path(path).expanduser(), trainable=False)
+    except (FileNotFoundError, ValueError) as exc:
+        raise EvalError(f"cannot load the adapter in {path!r}: {_one_line(exc)}") from None
+
+
+def _start_tracking(config: Config, info: dict[str, Any]):
+    if not config.tracking.enabled:
+        return None
+    from longtune.tracking import Tracker, resolved_config
+
+    run_name = f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}"
+    tracker = Tracker(resolved_config(config.tracking))
+    tracker.start_run(run_name, tags={"longtune.job": "evaluate", "longtune.run_name": run_name})
+    tracker.log_config(config)
+    tracker.log_params({f"resolved.{k}": v for k, v in info.items()})
+    return tracker
+
+
+def _one_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__

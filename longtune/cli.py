@@ -8,11 +8,16 @@ only a spelling of an override, so the config stays the single source of truth.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from longtune.config import Config, ConfigError, load_config
+
+
+OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+=")
+"""A dotted config override word: section.key=value."""
 
 
 class NotImplementedYet(RuntimeError):
@@ -137,12 +142,16 @@ def run_command(cmd: Command, config: Config) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Overrides are taken out before argparse runs: a flag with several values (--lengths,
+    # --source) would otherwise swallow the `section.key=value` words that follow it.
+    overrides = [a for a in argv if OVERRIDE.match(a)]
+    args, extra = parser.parse_known_args([a for a in argv if not OVERRIDE.match(a)])
     cmd = next(c for c in COMMANDS if c.name == args.command)
     bad = [a for a in extra if a.startswith("-") or "=" not in a]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides look like KEY=VALUE)")
-    args.overrides = extra
+    args.overrides = overrides + extra  # undotted KEY=VALUE words reach the config's own error
     try:
         config = resolve_config(args, cmd)
         if args.print_config:

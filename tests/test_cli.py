@@ -110,3 +110,13 @@ def test_readme_and_ci_run_the_same_test_command():
     test_command = ci_commands[-1]
     assert test_command == "bash dev.sh test"
     assert f"\n{test_command}\n" in readme
+
+
+def test_overrides_after_a_multi_value_flag_are_not_swallowed():
+    result = run("pipelines/evaluate.py", "--lengths", "256", "512", "eval.passkey_trials=3", "--print-config")
+    assert result.returncode == 0, result.stderr
+    shown = yaml.safe_load(result.stdout)
+    assert shown["eval"]["lengths"] == [256, 512] and shown["eval"]["passkey_trials"] == 3
+    result = run("pipelines/prepare_data.py", "--source", "a/", "b/", "train.max_steps=7", "--print-config")
+    shown = yaml.safe_load(result.stdout)
+    assert shown["data"]["sources"] == ["a/", "b/"] and shown["train"]["max_steps"] == 7

@@ -73,6 +73,12 @@ COMMANDS: tuple[Command, ...] = (
         ),
     ),
     Command(
+        "replicate",
+        "LongLoRA's comparison in miniature: base, interpolation, LoRA/LoRA+ with S2 or full attention",
+        6,
+        run="longtune.replicate:replicate_command",
+    ),
+    Command(
         "tune",
         "Ray Tune search over group size, rank, adapter type and learning rate",
         8,

@@ -246,7 +246,13 @@ class EvalConfig(_Section):
     )
     stride: int = Field(256, gt=0, description="Sliding-window stride in tokens.")
     max_eval_tokens: int = Field(
-        200_000, gt=0, description="Tokens of held-out text scored per length."
+        32_768, gt=0, description="Tokens of held-out text scored per length (recipes for "
+        "real models score more)."
+    )
+    before_after: bool = Field(
+        True,
+        description="finetune: after training, score the interpolated base and the tuned model "
+        "(perplexity by length, passkey) on the same documents and report both.",
     )
     passkey_lengths: list[int] = Field(
         default_factory=lambda: [256, 512, 1024], description="Passkey test lengths."

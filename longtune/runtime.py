@@ -21,9 +21,11 @@ def local_cpus_needed(config: Config) -> int:
 
 
 def init_ray(config: Config, *, log_to_driver: bool = True):
-    """Join the cluster in scaling.ray_address or $RAY_ADDRESS (set by `ray job submit`),
-    else one already running on this machine (`ray start --head`), else start a local Ray
-    sized by ``local_cpus_needed``. Returns the ray module."""
+    """Join the cluster named by scaling.ray_address or $RAY_ADDRESS (`ray job submit` sets
+    it; `RAY_ADDRESS=auto` joins a `ray start` cluster on this machine), else start a local
+    Ray sized by ``local_cpus_needed``. Never joins an unnamed cluster: Ray cannot tell a
+    `ray start` head from another program's `ray.init()`, whose workers may run other code.
+    Returns the ray module."""
     import ray
 
     if ray.is_initialized():
@@ -32,10 +34,7 @@ def init_ray(config: Config, *, log_to_driver: bool = True):
     runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=log_to_driver)
-        return ray
-    try:
-        ray.init(address="auto", runtime_env=runtime_env, log_to_driver=log_to_driver)
-    except ConnectionError:  # none running here: start our own
+    else:
         ray.init(
             num_cpus=local_cpus_needed(config),
             runtime_env=runtime_env,

@@ -20,6 +20,7 @@ PIPELINES = {
     "evaluate": "evaluate.py",
     "tune": "tune.py",
     "export": "export.py",
+    "replicate": "replicate.py",
 }
 
 

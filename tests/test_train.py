@@ -46,7 +46,9 @@ def make_config(tmp_path: Path, model_dir: str, corpus: str, *extra: str):
         "train.lr=1e-3", "train.warmup_steps=0", "train.log_every=2", "train.checkpoint_every=2",
         "train.batch_size_per_worker=1", f"train.storage_path={tmp_path / 'ray'}",
         f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.system_metrics=false",
-        "eval.loss_blocks=2", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
+        "eval.loss_blocks=2", "eval.lengths=[64, 128]", "eval.stride=32", "eval.max_eval_tokens=2000",
+        "eval.passkey_trials=0", "eval.before_after=false",
+        "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
         *extra,
     ])
 
@@ -61,7 +63,8 @@ def mlflow_run(tmp_path: Path, run_id: str):
 def test_two_worker_run_checkpoints_and_tracks(ray_local, tmp_path, tiny_model_dir, corpus_dir):
     from longtune.train.trainer import finetune
 
-    config = make_config(tmp_path, tiny_model_dir, corpus_dir, "train.max_steps=4", "train.run_name=basic")
+    config = make_config(tmp_path, tiny_model_dir, corpus_dir, "train.max_steps=4", "train.run_name=basic",
+                         "eval.before_after=true")
     result = finetune(config)
 
     # the final checkpoint holds everything a resume needs
@@ -87,6 +90,11 @@ def test_two_worker_run_checkpoints_and_tracks(ray_local, tmp_path, tiny_model_d
     assert "adapter/adapter_model.safetensors" in adapter_files
     local = Path(client.download_artifacts(run.info.run_id, "plots/loss_curve.png", str(tmp_path)))
     assert local.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # before/after: the interpolated base and the tuned model on the same held-out tokens
+    assert result.metrics["eval_tokens_128_before"] == result.metrics["eval_tokens_128"] > 0
+    assert result.metrics["ppl_128"] != result.metrics["ppl_128_before"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "ppl_128")] == [0, 4]
 
 
 def test_saved_adapter_reloads_with_plain_peft_identically(tmp_path, tiny_model_dir, corpus_dir):
@@ -192,3 +200,33 @@ def test_fsdp_on_cpu_is_refused(ray_local, tmp_path, tiny_model_dir, corpus_dir)
     config = make_config(tmp_path, tiny_model_dir, corpus_dir, "train.strategy=fsdp")
     with pytest.raises(TrainingSetupError, match="fsdp needs GPU workers"):
         finetune(config)
+
+
+def test_eval_settings_that_would_fail_after_training_fail_before_it(ray_local, tmp_path, tiny_model_dir, corpus_dir):
+    from longtune.train.trainer import TrainingSetupError, finetune
+
+    config = make_config(tmp_path, tiny_model_dir, corpus_dir, "eval.before_after=true",
+                         "eval.passkey_trials=1", "eval.passkey_lengths=[16]", "train.run_name=early")
+    with pytest.raises(TrainingSetupError, match=r"eval.passkey_lengths: 16 is too short.*before_after=false"):
+        finetune(config)
+    assert not (tmp_path / "ray" / "early").exists()  # no training started
+
+
+def test_replicate_scores_five_models_on_the_same_tokens(ray_local, tmp_path, tiny_model_dir, corpus_dir):
+    from mlflow import MlflowClient
+
+    from longtune.replicate import replicate
+
+    config = make_config(tmp_path, tiny_model_dir, corpus_dir, "train.max_steps=2", "train.checkpoint_every=2")
+    results = replicate(config)
+    assert list(results) == ["base", "base + interpolation", "LoRA + S2-Attn", "LoRA+ + S2-Attn",
+                             "LoRA+ + full attention"]
+    assert len({r["eval_tokens_128"] for r in results.values()}) == 1  # same targets for all
+    assert results["base"]["ppl_128"] != results["base + interpolation"]["ppl_128"]
+    assert results["LoRA+ + S2-Attn"]["ppl_128"] != results["LoRA+ + full attention"]["ppl_128"]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string="tags.`longtune.job` = 'replicate'")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1 and len(children) == 5

@@ -58,6 +58,9 @@ def finetune(config: Config, *, console=None, fault_injection: dict | None = Non
     run_name = t.run_name or f"longtune-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = _storage_path(t.storage_path, ray)
 
+    if config.eval.before_after:  # fail now, not after training, on settings it would reject
+        _check_eval_settings(config)
+
     # ---------------------------------------------------------------- data
     datasets = {"train": open_blocks(config, "train")}
     has_eval = config.data.eval_fraction > 0 and config.eval.loss_blocks > 0
@@ -111,10 +114,22 @@ def finetune(config: Config, *, console=None, fault_injection: dict | None = Non
             tracker.end_run("FAILED")
         raise TrainingSetupError(f"training run {run_name} ended without a checkpoint")
 
+    # ---------------------------------------------------------------- before / after
+    comparison = None
+    if config.eval.before_after:
+        comparison = _before_and_after(config, path, result.checkpoint, use_gpu, ray)
+        console.print(_comparison_table(config, comparison))
+        if tracker:
+            tracker.log_metrics(comparison["before training"], 0)
+            tracker.log_metrics(comparison["after training"], t.max_steps)
+
     # ---------------------------------------------------------------- artifacts
     checkpoint_path = result.checkpoint.path
     adapter_path = f"{checkpoint_path.rstrip('/')}/adapter"
     metrics = dict(result.metrics or {})
+    if comparison:
+        metrics.update({f"{k}_before": v for k, v in comparison["before training"].items()})
+        metrics.update(comparison["after training"])
     if tracker:
         with result.checkpoint.as_directory() as local:
             tracker.log_artifact(Path(local) / "adapter", "adapter")
@@ -224,9 +239,41 @@ def _curves(tracker, run_id: str) -> dict[str, list[tuple[int, float]]]:
     return curves
 
 
+def _before_and_after(config: Config, model_path: str, checkpoint, use_gpu: bool, ray):
+    """Score base and tuned model in a Ray task on the job's kind of device, not on the
+    driver (which, on a cluster, may have no GPU)."""
+    from longtune.eval.compare import before_and_after
+
+    task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(before_and_after)
+    try:
+        return ray.get(task.remote(config, model_path, checkpoint))
+    except Exception as exc:  # training succeeded; say why scoring did not
+        raise TrainingSetupError(f"scoring the tuned model failed: {_root_cause(exc)}") from exc
+
+
+def _check_eval_settings(config: Config) -> None:
+    from longtune.eval import EvalError
+    from longtune.eval.compare import check_eval_settings
+    from longtune.models import load_tokenizer_for
+
+    try:
+        check_eval_settings(config, load_tokenizer_for(config.model))
+    except EvalError as err:
+        raise TrainingSetupError(f"{err} (or set eval.before_after=false)") from None
+
+
+def _comparison_table(config: Config, comparison: dict[str, dict[str, float]]):
+    from longtune.eval.compare import comparison_table
+
+    return comparison_table(comparison, config.eval.lengths, "held-out perplexity, full attention")
+
+
 def _root_cause(exc: BaseException) -> str:
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
+    while True:  # through `raise ... from` chains and Ray's task/actor error wrappers
+        inner = exc.__cause__ or getattr(exc, "cause", None)
+        if not isinstance(inner, BaseException) or inner is exc:
+            break
+        exc = inner
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[-1] if text else ''}"
 

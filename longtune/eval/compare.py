@@ -1,0 +1,93 @@
+"""Several models scored on the same held-out documents, side by side: the before/after
+table of `longtune finetune` and the rows of `longtune replicate`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from longtune.config import Config
+
+
+def score_models(
+    config: Config, model_path: str, variants: dict[str, dict[str, Any]], *, console=None
+) -> dict[str, dict[str, float]]:
+    """Metrics (``ppl_<L>``, ``passkey_acc_<L>``, ...) per variant. A variant names the
+    context its base is extended to (``target_context``; the base's own context means no
+    interpolation) and optionally an ``adapter`` directory. All variants read the same
+    held-out documents, tokenized once."""
+    from longtune.adapters import load_adapter
+    from longtune.eval.perplexity import load_eval_documents
+    from longtune.eval.report import evaluate_model
+    from longtune.models import load_model, load_tokenizer_for
+
+    on_gpu = torch.cuda.is_available()
+    tokenizer = load_tokenizer_for(config.model)
+    documents = load_eval_documents(config, tokenizer)
+    results = {}
+    for name, variant in variants.items():
+        model_cfg = config.model.model_copy(
+            update={"target_context": variant.get("target_context", config.model.target_context)}
+        )
+        model, _ = load_model(model_cfg, on_gpu=on_gpu, for_training=False, path=model_path)
+        if variant.get("adapter"):
+            model = load_adapter(model, variant["adapter"])
+        model.to("cuda" if on_gpu else "cpu")
+        if console is not None:
+            console.print(f"[bold]scoring[/] {name}")
+        results[name] = evaluate_model(model, tokenizer, config, documents=documents, console=console)
+        del model
+    return results
+
+
+def comparison_table(results: dict[str, dict[str, float]], lengths: list[int], title: str):
+    """A rich table: one row per variant, perplexity (and passkey accuracy) per length."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("model")
+    for length in lengths:
+        table.add_column(f"ppl @ {length}", justify="right")
+    with_passkey = any(k.startswith("passkey_acc_") for r in results.values() for k in r)
+    if with_passkey:
+        table.add_column("passkey", justify="right")
+    for name, metrics in results.items():
+        cells = [f"{metrics[f'ppl_{n}']:.2f}" if f"ppl_{n}" in metrics else "-" for n in lengths]
+        if with_passkey:
+            accs = [f"{metrics[k]:.0%}" for k in sorted(metrics) if k.startswith("passkey_acc_")]
+            cells.append(" / ".join(accs))
+        table.add_row(name, *cells)
+    return table
+
+
+def check_eval_settings(config: Config, tokenizer) -> None:
+    """Raise EvalError now for settings that would only fail once training is over: lengths
+    against the stride, passkey prompts that cannot fit their length."""
+    from longtune.data.passkey import passkey_for_tokens
+    from longtune.eval import EvalError
+    from longtune.eval.perplexity import check_lengths
+
+    e = config.eval
+    check_lengths(e.lengths, e.stride, e.max_eval_tokens)
+    if e.passkey_trials:
+        for n in e.passkey_lengths:
+            try:
+                passkey_for_tokens(tokenizer, n, e.passkey_seed)
+            except ValueError as exc:
+                raise EvalError(f"eval.passkey_lengths: {n} is too short ({exc})") from None
+
+
+def before_and_after(config: Config, model_path: str, checkpoint) -> dict[str, dict[str, float]]:
+    """The interpolated base and base + the checkpoint's adapter. Runs where it is called
+    (the trainer calls it as a Ray task on the job's kind of device)."""
+    if not torch.cuda.is_available():
+        import os
+
+        torch.set_num_threads(os.cpu_count() or 1)  # the training workers are done by now
+    with checkpoint.as_directory() as directory:
+        return score_models(config, model_path, {
+            "before training": {},
+            "after training": {"adapter": str(Path(directory) / "adapter")},
+        })

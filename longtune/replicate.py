@@ -32,9 +32,9 @@ TRAINED = {
 def replicate(config: Config, *, console=None) -> dict[str, dict[str, float]]:
     from rich.console import Console
 
-    from longtune.eval.compare import comparison_table
+    from longtune.eval.compare import comparison_table, score_here
     from longtune.models import model_path, original_context
-    from longtune.runtime import init_ray
+    from longtune.runtime import init_ray, use_gpu
     from longtune.train.trainer import finetune
 
     console = console or Console(stderr=True)
@@ -58,8 +58,7 @@ def replicate(config: Config, *, console=None) -> dict[str, dict[str, float]]:
     }
     console.rule("scoring")
     ray = init_ray(config)
-    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(_score)
+    task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu(config, ray) else 0)(score_here)
     results = ray.get(task.remote(config, path, variants))
     console.print(comparison_table(
         results, config.eval.lengths,
@@ -68,18 +67,6 @@ def replicate(config: Config, *, console=None) -> dict[str, dict[str, float]]:
     ))
     _track(config, results, variants)
     return results
-
-
-def _score(config: Config, path: str, variants: dict) -> dict[str, dict[str, float]]:
-    import os
-
-    import torch
-
-    from longtune.eval.compare import score_models
-
-    if not torch.cuda.is_available():
-        torch.set_num_threads(os.cpu_count() or 1)  # training is over: use every core
-    return score_models(config, path, variants)
 
 
 def _track(config: Config, results: dict[str, dict[str, float]], variants: dict) -> None:

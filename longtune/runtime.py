@@ -20,6 +20,13 @@ def local_cpus_needed(config: Config) -> int:
     return max(os.cpu_count() or 1, workers + config.data.tokenize_concurrency + 2)
 
 
+def use_gpu(config: Config, ray) -> bool:
+    """scaling.use_gpu, with "auto" meaning: when the cluster has GPUs."""
+    if config.scaling.use_gpu == "auto":
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return bool(config.scaling.use_gpu)
+
+
 def init_ray(config: Config, *, log_to_driver: bool = True):
     """Join the cluster named by scaling.ray_address or $RAY_ADDRESS (`ray job submit` sets
     it; `RAY_ADDRESS=auto` joins a `ray start` cluster on this machine), else start a local

@@ -195,6 +195,8 @@ def pretrain_seed_model(tokenizer, *, steps: int = SEED_STEPS, console=None):
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
     from transformers import LlamaForCausalLM
 
+    from longtune.models import cpu_has_bf16
+
     console = console or Console(stderr=True)
     train, heldout = seed_corpus_tokens(tokenizer)
     torch.manual_seed(0)
@@ -206,7 +208,7 @@ def pretrain_seed_model(tokenizer, *, steps: int = SEED_STEPS, console=None):
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps)))
     )
     gen = torch.Generator().manual_seed(0)
-    bf16 = _cpu_bf16_ok()
+    bf16 = cpu_has_bf16()
     console.print(
         f"[bold]Building the seed model[/] (once; cached): Llama {SEED_SHAPE['num_hidden_layers']} "
         f"layers, hidden {SEED_SHAPE['hidden_size']}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
@@ -241,12 +243,3 @@ def pretrain_seed_model(tokenizer, *, steps: int = SEED_STEPS, console=None):
     console.print(f"seed model: held-out perplexity {ppl:.1f} at {SEED_CONTEXT} tokens "
                   f"(random init: {random_ppl:.0f}), {seconds:.0f} s")
     return model, report
-
-
-def _cpu_bf16_ok() -> bool:
-    """bf16 autocast pays on CPUs with native bf16 (AVX512-BF16, AMX): ~1.5x here."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags

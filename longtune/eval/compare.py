@@ -79,15 +79,21 @@ def check_eval_settings(config: Config, tokenizer) -> None:
                 raise EvalError(f"eval.passkey_lengths: {n} is too short ({exc})") from None
 
 
-def before_and_after(config: Config, model_path: str, checkpoint) -> dict[str, dict[str, float]]:
-    """The interpolated base and base + the checkpoint's adapter. Runs where it is called
-    (the trainer calls it as a Ray task on the job's kind of device)."""
+def score_here(config: Config, model_path: str, variants: dict[str, dict[str, Any]]):
+    """``score_models`` as the body of a Ray task run after training: on a CPU it takes
+    every core (the training workers are done by then)."""
     if not torch.cuda.is_available():
         import os
 
-        torch.set_num_threads(os.cpu_count() or 1)  # the training workers are done by now
+        torch.set_num_threads(os.cpu_count() or 1)
+    return score_models(config, model_path, variants)
+
+
+def before_and_after(config: Config, model_path: str, checkpoint) -> dict[str, dict[str, float]]:
+    """The interpolated base and base + the checkpoint's adapter (the trainer runs this as a
+    Ray task on the job's kind of device; the checkpoint may live on remote storage)."""
     with checkpoint.as_directory() as directory:
-        return score_models(config, model_path, {
+        return score_here(config, model_path, {
             "before training": {},
             "after training": {"adapter": str(Path(directory) / "adapter")},
         })

@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import torch
 
 from longtune.config import Config, from_dict
+from longtune.models import cpu_has_bf16
 from longtune.train.checkpoint import TrainState, read_checkpoint, write_checkpoint
 
 
@@ -262,15 +263,9 @@ def autocast_for(config: Config, device):
         return contextlib.nullcontext()
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
-    if precision == "bf16" or _cpu_bf16():
+    if precision == "bf16" or cpu_has_bf16():
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def _cpu_bf16() -> bool:
-    from longtune.seed import _cpu_bf16_ok
-
-    return _cpu_bf16_ok()
 
 
 def _peak_memory_mb(device) -> float:

@@ -40,6 +40,7 @@ def finetune(config: Config, *, console=None, fault_injection: dict | None = Non
     from longtune.data.pipeline import open_blocks
     from longtune.models import model_path
     from longtune.runtime import init_ray
+    from longtune.runtime import use_gpu as use_gpu_for
     from longtune.train.loop import train_loop
 
     console = console or Console(stderr=True)
@@ -51,7 +52,7 @@ def finetune(config: Config, *, console=None, fault_injection: dict | None = Non
     # ---------------------------------------------------------------- model, Ray, resources
     path = model_path(config.model)  # builds the seed model here, once, not in every worker
     ray = init_ray(config)
-    use_gpu = _use_gpu(config, ray)
+    use_gpu = use_gpu_for(config, ray)
     if t.strategy == "fsdp" and not use_gpu:
         raise TrainingSetupError("train.strategy=fsdp needs GPU workers; use train.strategy=ddp on CPUs")
     _check_resources(config, ray, use_gpu)
@@ -162,13 +163,6 @@ def finetune_command(config: Config) -> int:
 
 
 # -------------------------------------------------------------------- helpers
-
-
-def _use_gpu(config: Config, ray) -> bool:
-    wanted = config.scaling.use_gpu
-    if wanted == "auto":
-        return ray.cluster_resources().get("GPU", 0) > 0
-    return bool(wanted)
 
 
 def _joined_cluster(config: Config) -> bool:

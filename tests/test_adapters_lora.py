@@ -209,11 +209,6 @@ def test_options_reach_the_peft_config():
     assert not torch.all(no_init.get_base_model().model.layers[0].self_attn.q_proj.lora_B["default"].weight == 0)
 
 
-def test_lora2_is_not_implemented_yet():
-    with pytest.raises(NotImplementedError, match=r"lora2.*issue #7"):
-        apply_adapter(tiny("llama"), AdapterConfig(type="lora2"))
-
-
 def test_applying_twice_is_refused():
     model = apply_adapter(tiny("llama"), AdapterConfig())
     with pytest.raises(TypeError, match="PeftModel"):

@@ -52,7 +52,7 @@ def test_yaml_then_overrides_later_wins(tmp_path):
         ("eval.lengths=[128, 256]", ("eval", "lengths"), [128, 256]),
         ("data.sources=[a.txt, s3://b/c]", ("data", "sources"), ["a.txt", "s3://b/c"]),
         ("model.name_or_path=meta-llama/Llama-2-7b-hf", ("model", "name_or_path"), "meta-llama/Llama-2-7b-hf"),
-        ("adapter.lora2.target_rank=2", ("adapter", "lora2", "target_rank"), 2),
+        ("adapter.pruning.target_rank=2", ("adapter", "pruning", "target_rank"), 2),
     ],
 )
 def test_override_values_are_typed(override, key, value):
@@ -75,9 +75,9 @@ def test_override_values_are_typed(override, key, value):
         (["data.sources=[]"], "data.sources must list at least one"),
         (["data.eval_fraction=1"], "data.eval_fraction: input should be less than 1, got 1"),
         (["eval.lengths=[256, -1]"], "lengths must be positive token counts"),
-        (["adapter.type=lora3"], "adapter.type: input should be 'lora_plus', 'lora' or 'lora2'"),
-        (["adapter.type=lora2", "adapter.rank=4", "adapter.lora2.target_rank=8"],
-         "adapter.lora2.target_rank must be <= adapter.rank (4), got 8"),
+        (["adapter.type=lora3"], "adapter.type: input should be 'lora_plus', 'lora', 'lora2' or 'adalora'"),
+        (["adapter.type=lora2", "adapter.rank=4", "adapter.pruning.target_rank=8"],
+         "adapter.pruning.target_rank must be <= adapter.rank (4) for adapter.type=lora2, got 8"),
         (["tune.search_space={train.lr: [1, 2]}"], "tune.search_space.train.lr must be one of"),
         (["scaling.num_workers=0"], "scaling.num_workers: input should be greater than 0, got 0"),
         (["train.colour=blue"], "unknown config key 'train.colour'"),
@@ -142,7 +142,7 @@ def test_round_trip_through_yaml(tmp_path):
 def test_flat_and_with_overrides():
     c = Config()
     flat = c.flat()
-    assert flat["attention.group_size_ratio"] == 0.25 and flat["adapter.lora2.beta1"] == 0.85
+    assert flat["attention.group_size_ratio"] == 0.25 and flat["adapter.pruning.beta1"] == 0.85
     assert isinstance(flat["tune.search_space"], dict)
     trial = with_overrides(c, {"adapter.rank": 32, "train.lr": 3e-4})
     assert trial.adapter.rank == 32 and trial.train.lr == 3e-4 and c.adapter.rank == 8

@@ -1,10 +1,10 @@
-"""Adapters: LongLoRA's LoRA+ through PEFT (lora.py); LoRA² comes later (issue #7).
+"""Adapters: LongLoRA's LoRA+ and plain LoRA through PEFT (lora.py), LoRA² (lora2.py), PEFT's
+AdaLoRA as a baseline, and what each adds to the training loop (training.py).
 
 Plain torch + transformers + PEFT: no Ray, no MLflow.
 """
 
 from longtune.adapters.lora import (
-    LORA2_NOT_IMPLEMENTED,
     apply_adapter,
     attention_projections,
     load_adapter,
@@ -13,9 +13,10 @@ from longtune.adapters.lora import (
     save_adapter,
     trainable_modules,
 )
+from longtune.adapters.training import AdapterHooks, training_hooks
 
 __all__ = [
-    "LORA2_NOT_IMPLEMENTED",
+    "AdapterHooks",
     "apply_adapter",
     "attention_projections",
     "load_adapter",
@@ -23,4 +24,5 @@ __all__ = [
     "parameter_counts",
     "save_adapter",
     "trainable_modules",
+    "training_hooks",
 ]

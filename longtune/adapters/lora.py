@@ -14,6 +14,10 @@ What is trained, per ``adapter.type``:
   ``q_norm``/``k_norm`` on Qwen3/Gemma3). An untied output head is *not* trained: LongLoRA
   trains ``embed,norm`` only.
 - ``lora``: LoRA only.
+- ``lora2``: LoRA² layers (``longtune.adapters.lora2``) on ``target_modules``, plus the
+  saved modules as for ``lora_plus``; a ``RankAllocator`` prunes them while training.
+- ``adalora``: PEFT's AdaLoRA on ``target_modules``, plus the saved modules as for
+  ``lora_plus`` (the baseline LoRA² is measured against).
 
 Tied input/output embeddings (``tie_word_embeddings=True``): the embedding is also the output
 head. Training it as a plain ``modules_to_save`` would copy the input embedding and leave
@@ -34,14 +38,16 @@ import os
 import warnings
 from pathlib import Path
 
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft import AdaLoraConfig, LoraConfig, PeftModel, TaskType, get_peft_model
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from torch import nn
 
+from longtune.adapters.lora2 import ADAPTER_MARKER, Lora2PeftConfig, lora2_layers
 from longtune.atomic import publish_dir
 from longtune.config import AdapterConfig
 
-LORA2_NOT_IMPLEMENTED = "adapter.type=lora2: LoRA² is not implemented yet (issue #7)"
+RANK_PATTERN_FILE = "rank_pattern.json"  # LoRA²: singular values kept per layer
+SAVES_MODULES = ("lora_plus", "lora2", "adalora")  # types that also train embeddings and norms
 
 
 # ---------------------------------------------------------------- what to adapt
@@ -102,13 +108,12 @@ def trainable_modules(model: nn.Module) -> list[str]:
 # ---------------------------------------------------------------- apply
 
 
-def lora_config(model: nn.Module, cfg: AdapterConfig) -> LoraConfig:
-    """The PEFT LoraConfig for ``cfg`` on ``model`` (target and saved modules resolved)."""
-    if cfg.type == "lora2":
-        raise NotImplementedError(LORA2_NOT_IMPLEMENTED)
+def lora_config(model: nn.Module, cfg: AdapterConfig, max_steps: int | None = None) -> LoraConfig:
+    """The PEFT config for ``cfg`` on ``model`` (target and saved modules resolved).
+    ``adalora`` needs the run's ``max_steps`` (its budget schedule is in steps)."""
     targets = list(cfg.target_modules) if cfg.target_modules else attention_projections(model)
     saved: list[str] | None = None
-    if cfg.type == "lora_plus":
+    if cfg.type in SAVES_MODULES:
         saved = list(cfg.trainable_modules) if cfg.trainable_modules else trainable_modules(model)
         _check_matches(model, saved, "adapter.trainable_modules")
     elif cfg.trainable_modules:
@@ -118,26 +123,36 @@ def lora_config(model: nn.Module, cfg: AdapterConfig) -> LoraConfig:
             stacklevel=3,
         )
     _check_matches(model, targets, "adapter.target_modules")
-    return LoraConfig(
-        task_type=TaskType.CAUSAL_LM,
-        r=cfg.rank,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=targets,
-        modules_to_save=saved,
-        use_rslora=cfg.use_rslora,
-        use_dora=cfg.use_dora,
-        init_lora_weights=cfg.init_lora_weights,
-        ensure_weight_tying=bool(saved) and _trains_tied_embedding(model, saved),
-    )
+    common = {
+        "task_type": TaskType.CAUSAL_LM,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": targets,
+        "modules_to_save": saved,
+        "init_lora_weights": cfg.init_lora_weights,
+        "ensure_weight_tying": bool(saved) and _trains_tied_embedding(model, saved),
+    }
+    if cfg.type == "lora2":
+        return Lora2PeftConfig(r=cfg.rank, outer_rank=cfg.lora2.outer_rank, **common)
+    if cfg.type == "adalora":
+        if max_steps is None:
+            raise ValueError("adapter.type=adalora needs the run's max_steps for its budget schedule")
+        p = cfg.pruning
+        start, end = p.steps(max_steps)
+        return AdaLoraConfig(
+            init_r=cfg.rank, target_r=p.target_rank, tinit=start, tfinal=max_steps - end,
+            deltaT=p.every, beta1=p.beta1, beta2=p.beta2, orth_reg_weight=p.orth_reg_weight,
+            total_step=max_steps, **common,
+        )
+    return LoraConfig(r=cfg.rank, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, **common)
 
 
-def apply_adapter(model: nn.Module, cfg: AdapterConfig) -> PeftModel:
-    """Wrap ``model`` (a transformers causal LM, modified in place) in a PEFT LoRA adapter as
-    ``cfg`` says; only the adapter (and, for lora_plus, the saved modules) is trainable."""
+def apply_adapter(model: nn.Module, cfg: AdapterConfig, max_steps: int | None = None) -> PeftModel:
+    """Wrap ``model`` (a transformers causal LM, modified in place) in a PEFT adapter as
+    ``cfg`` says; only the adapter (and the saved modules) is trainable."""
     if isinstance(model, PeftModel):
         raise TypeError("apply_adapter expects a base model, got a PeftModel that already has an adapter")
-    peft_config = lora_config(model, cfg)
+    peft_config = lora_config(model, cfg, max_steps)
     with _quiet_peft():
         return get_peft_model(model, peft_config)
 
@@ -153,7 +168,14 @@ def save_adapter(model: PeftModel, path: str | os.PathLike[str]) -> Path:
     ``path`` is moved aside only after the new one is complete, then deleted."""
     if not isinstance(model, PeftModel):
         raise TypeError(f"save_adapter expects a peft.PeftModel, got {type(model).__name__}")
-    return publish_dir(path, lambda tmp: model.save_pretrained(str(tmp)))
+    def write(tmp: Path) -> None:
+        model.save_pretrained(str(tmp))
+        pattern = {name: int(layer.lora_mask[a].sum()) for name, layer in lora2_layers(model)
+                   for a in layer.lora_mask}
+        if pattern:  # for people: the weights file's lora_mask buffers are the record loaded
+            (tmp / RANK_PATTERN_FILE).write_text(json.dumps(pattern, indent=1) + "\n")
+
+    return publish_dir(path, write)
 
 
 def load_adapter(
@@ -180,7 +202,19 @@ def load_adapter(
             f"{str(directory)!r} has no adapter weights ({SAFETENSORS_WEIGHTS_NAME} or {WEIGHTS_NAME})"
         )
     with _quiet_peft():
-        return PeftModel.from_pretrained(base_model, str(directory), is_trainable=trainable)
+        return PeftModel.from_pretrained(
+            base_model, str(directory), is_trainable=trainable, config=_lora2_config(config_file)
+        )
+
+
+def _lora2_config(config_file: Path) -> Lora2PeftConfig | None:
+    """The config of a saved LoRA² adapter (which registers its layer with PEFT); None for
+    any other adapter, which PEFT reads by itself."""
+    saved = json.loads(config_file.read_text(encoding="utf-8"))
+    if saved.get("longtune_adapter") != ADAPTER_MARKER:
+        return None
+    fields = set(Lora2PeftConfig.__dataclass_fields__)
+    return Lora2PeftConfig(**{k: v for k, v in saved.items() if k in fields and k != "peft_type"})
 
 
 # ---------------------------------------------------------------- logging

@@ -4,6 +4,8 @@
       adapter/          the adapter in PEFT format: `PeftModel.from_pretrained(base, ...)` loads it
       optimizer.pt      AdamW state
       scheduler.pt      learning-rate schedule state
+      adapter_state.pt  what the adapter's training hooks keep (LoRA²: the rank allocator's
+                        importance EMAs); only for adapters that have any
       state.json        step, data position (epoch, batches consumed in it), tokens seen
       config.yaml       the resolved config of the run
 
@@ -32,8 +34,11 @@ class TrainState:
         return json.dumps(asdict(self), indent=2)
 
 
+ADAPTER_STATE = "adapter_state.pt"
+
+
 def write_checkpoint(
-    directory: str | Path, model, optimizer, scheduler, state: TrainState, config_yaml: str
+    directory: str | Path, model, optimizer, scheduler, state: TrainState, config_yaml: str, hooks=None
 ) -> Path:
     """Write a checkpoint into ``directory`` (model: the PEFT model, not a DDP wrapper)."""
     from longtune.adapters import save_adapter
@@ -43,13 +48,17 @@ def write_checkpoint(
     save_adapter(model, directory / ADAPTER_DIR)
     torch.save(optimizer.state_dict(), directory / "optimizer.pt")
     torch.save(scheduler.state_dict(), directory / "scheduler.pt")
+    hook_state = hooks.state_dict() if hooks is not None else {}
+    if hook_state:
+        torch.save(hook_state, directory / ADAPTER_STATE)
     (directory / "config.yaml").write_text(config_yaml)
     (directory / "state.json").write_text(state.to_json())  # last: a complete checkpoint
     return directory
 
 
-def read_checkpoint(directory: str | Path, model, optimizer, scheduler) -> TrainState:
-    """Restore model weights (trainable ones), optimizer and scheduler; return the state."""
+def read_checkpoint(directory: str | Path, model, optimizer, scheduler, hooks=None) -> TrainState:
+    """Restore model weights (trainable ones and adapter buffers such as LoRA²'s masks),
+    optimizer, scheduler and the adapter hooks' state; return the training state."""
     from peft import set_peft_model_state_dict
     from peft.utils import load_peft_weights
 
@@ -63,4 +72,6 @@ def read_checkpoint(directory: str | Path, model, optimizer, scheduler) -> Train
         raise RuntimeError(f"checkpoint {directory} holds weights this model lacks: {missing[:5]}")
     optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
+    if hooks is not None and (directory / ADAPTER_STATE).is_file():
+        hooks.load_state_dict(torch.load(directory / ADAPTER_STATE, weights_only=True))
     return TrainState(**json.loads((directory / "state.json").read_text()))

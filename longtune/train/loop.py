@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 import torch
 
+from longtune.adapters import training_hooks
 from longtune.config import Config, from_dict
 from longtune.models import cpu_has_bf16
 from longtune.train.checkpoint import TrainState, read_checkpoint, write_checkpoint
@@ -44,6 +45,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         model, move_to_device=False, parallel_strategy=config.train.strategy
     )
     params, optimizer, scheduler = build_optimizer(config, model)
+    hooks = training_hooks(model, config.adapter, config.train.max_steps)
     t = config.train
 
     # ---------------------------------------------------------------- resume
@@ -51,7 +53,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            state = read_checkpoint(directory, model, optimizer, scheduler)
+            state = read_checkpoint(directory, model, optimizer, scheduler, hooks)
         if rank == 0:
             print(f"[longtune] resumed at step {state.step} (epoch {state.epoch}, "
                   f"batch {state.batches_in_epoch})")
@@ -81,7 +83,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     model.train()
     window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
     while state.step < t.max_steps:
-        window_loss += optimizer_step(wrapped, batches, params, optimizer, scheduler, config, autocast)
+        window_loss += optimizer_step(
+            wrapped, batches, params, optimizer, scheduler, config, autocast, hooks, state.step + 1
+        )
         state.step += 1
         state.tokens_seen += tokens_per_step
         window_steps += 1
@@ -111,6 +115,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             "peak_memory_mb": _peak_memory_mb(device),
             "tokens_seen": state.tokens_seen,
             "epoch": state.epoch,
+            **hooks.metrics(),
         }
         window_steps, window_loss = 0, 0.0
 
@@ -122,7 +127,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             print("[longtune] " + "  ".join(_fmt(k, v) for k, v in metrics.items()))
         if checkpoint_now and rank == 0:
             with tempfile.TemporaryDirectory() as directory:
-                write_checkpoint(directory, model, optimizer, scheduler, state, config_yaml)
+                write_checkpoint(directory, model, optimizer, scheduler, state, config_yaml, hooks)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         else:
             ray.train.report(metrics)
@@ -143,7 +148,7 @@ def build_model(config: Config, model_path: str, device):
     from longtune.models import load_model
 
     model, _ = load_model(config.model, on_gpu=device.type == "cuda", path=model_path)
-    model = apply_adapter(model, config.adapter)
+    model = apply_adapter(model, config.adapter, config.train.max_steps)
     if config.attention.type == "s2":
         a = config.attention
         use_s2_attention(model, a.group_size_ratio, a.shift, group_size=a.group_size, backend=a.backend)
@@ -160,22 +165,31 @@ def build_optimizer(config: Config, model):
     return params, optimizer, get_constant_schedule_with_warmup(optimizer, t.warmup_steps)
 
 
-def optimizer_step(model, batches, params, optimizer, scheduler, config: Config, autocast) -> float:
-    """One optimizer step over train.grad_accum_steps micro-batches; returns the mean loss.
-    ``model`` may be a DDP wrapper: gradients sync on the last micro-batch only."""
+def optimizer_step(model, batches, params, optimizer, scheduler, config: Config, autocast,
+                   hooks=None, step: int | None = None) -> float:
+    """One optimizer step over train.grad_accum_steps micro-batches; returns the mean
+    language-model loss (an adapter's extra loss, e.g. LoRA²'s orthogonality penalty, is
+    trained on but not included). ``model`` may be a DDP wrapper: gradients sync on the last
+    micro-batch only. ``hooks`` (``longtune.adapters.training_hooks``) run with ``step``, the
+    number of this step counted from 1, after the optimizer step and before zero_grad."""
     t = config.train
     total = 0.0
     for micro in range(t.grad_accum_steps):
         ids, positions, labels = _inputs(next(batches))
         last = micro == t.grad_accum_steps - 1
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-        with sync, autocast:
-            loss = model(input_ids=ids, position_ids=positions, labels=labels).loss
-            (loss / t.grad_accum_steps).backward()
+        with sync:
+            with autocast:
+                loss = model(input_ids=ids, position_ids=positions, labels=labels).loss
+            extra = hooks.extra_loss() if hooks is not None else None
+            objective = loss if extra is None else loss + extra
+            (objective / t.grad_accum_steps).backward()
         total += loss.item() / t.grad_accum_steps
     if t.max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
     optimizer.step()
+    if hooks is not None:
+        hooks.after_optimizer_step(step)
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return total

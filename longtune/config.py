@@ -171,23 +171,47 @@ class AttentionConfig(_Section):
 
 
 class Lora2Config(_Section):
-    outer_rank: int = Field(8, gt=0, description="Rank k of the outer LoRA planes (P and Q).")
+    outer_rank: int = Field(8, gt=0, description="Rank k of LoRA²'s outer planes (Qout, Pout).")
+
+
+class PruningConfig(_Section):
+    """Importance-based rank allocation, AdaLoRA's schedule (adapter.type lora2 or adalora)."""
+
     target_rank: int = Field(4, gt=0, description="Singular values kept per layer on average.")
-    orth_reg_weight: float = Field(0.1, ge=0, description="Weight of the orthogonality penalty.")
-    beta1: float = Field(0.85, gt=0, lt=1, description="EMA factor of the sensitivity.")
+    start: float = Field(
+        0.1, ge=0, lt=1, description="Fraction of train.max_steps trained at full rank before pruning."
+    )
+    end: float = Field(
+        0.8, gt=0, le=1,
+        description="Fraction of train.max_steps at which the budget reaches target_rank; the "
+        "pattern is frozen after it.",
+    )
+    every: int = Field(1, gt=0, description="Steps between re-allocations while the budget decays.")
+    beta1: float = Field(0.85, gt=0, lt=1, description="EMA factor of the importance, abs(w · grad).")
     beta2: float = Field(0.85, gt=0, lt=1, description="EMA factor of its uncertainty.")
-    tinit: int = Field(0, ge=0, description="Warm-up steps before pruning starts.")
-    tfinal: int = Field(0, ge=0, description="Steps at the end with the budget held at target.")
-    delta_t: int = Field(1, gt=0, description="Steps between budget updates.")
+    orth_reg_weight: float = Field(0.1, ge=0, description="Weight of the orthogonality penalty.")
+
+    def steps(self, max_steps: int) -> tuple[int, int]:
+        """(start, end) as optimizer steps of a run of ``max_steps``."""
+        return round(self.start * max_steps), round(self.end * max_steps)
+
+    @model_validator(mode="after")
+    def _order(self) -> "PruningConfig":
+        if self.start >= self.end:
+            raise ValueError(
+                f"adapter.pruning.start ({self.start}) must be below adapter.pruning.end ({self.end})"
+            )
+        return self
 
 
 class AdapterConfig(_Section):
-    type: Literal["lora_plus", "lora", "lora2"] = Field(
+    type: Literal["lora_plus", "lora", "lora2", "adalora"] = Field(
         "lora_plus",
         description="lora_plus: LongLoRA's LoRA with trainable embeddings and norms; "
-        "lora: plain LoRA; lora2: LoRA² (multi-scale orthogonal, rank-pruned).",
+        "lora: plain LoRA; lora2: LoRA² (multi-scale orthogonal, rank-pruned) with trainable "
+        "embeddings and norms; adalora: PEFT's AdaLoRA with trainable embeddings and norms.",
     )
-    rank: int = Field(8, gt=0, description="LoRA rank r (LoRA²: initial inner rank).")
+    rank: int = Field(8, gt=0, description="LoRA rank r (lora2, adalora: the initial rank).")
     alpha: float = Field(16, gt=0, description="LoRA scaling alpha.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: list[str] | None = Field(
@@ -195,12 +219,14 @@ class AdapterConfig(_Section):
     )
     trainable_modules: list[str] | None = Field(
         None,
-        description="Fully trained modules for lora_plus/lora2; embeddings and all norms when unset.",
+        description="Fully trained modules for lora_plus/lora2/adalora; embeddings and all norms "
+        "when unset.",
     )
     use_rslora: bool = Field(False, description="PEFT rank-stabilized LoRA scaling.")
     use_dora: bool = Field(False, description="PEFT weight-decomposed LoRA.")
     init_lora_weights: bool | str = Field(True, description="PEFT init_lora_weights.")
     lora2: Lora2Config = Field(default_factory=Lora2Config)
+    pruning: PruningConfig = Field(default_factory=PruningConfig)
 
 
 class TrainConfig(_Section):
@@ -286,10 +312,31 @@ class ExportConfig(_Section):
 
 
 class TuneConfig(_Section):
+    name: str | None = Field(
+        None,
+        description="Search name (Ray Tune experiment, MLflow parent run, output folder); "
+        "relaunching the same name resumes the search. tune-<date>-<time> when unset.",
+    )
     num_samples: int = Field(6, gt=0, description="Trials to run.")
-    metric: str = Field("eval_loss", description="Objective reported by each trial.")
+    max_steps: int = Field(
+        40, gt=0, description="Optimizer steps per trial (each trial's train.max_steps; ASHA's max_t)."
+    )
+    eval_every: int = Field(
+        10,
+        gt=0,
+        description="A trial scores eval.loss_blocks held-out blocks, checkpoints and reports "
+        "every N steps: the results ASHA compares.",
+    )
+    metric: Literal["eval_loss", "eval_ppl", "loss"] = Field(
+        "eval_loss",
+        description="Objective: held-out loss or perplexity at the target context (full "
+        "attention), or the training loss.",
+    )
     mode: Literal["min", "max"] = Field("min", description="Minimize or maximize the metric.")
-    search_alg: Literal["random", "optuna"] = Field("random", description="Search algorithm.")
+    search_alg: Literal["random", "optuna"] = Field(
+        "random", description="Search algorithm; optuna needs `pip install optuna`."
+    )
+    seed: int = Field(0, description="Seed of the search algorithm: the same trials on every run.")
     max_concurrent_trials: int | None = Field(
         None, gt=0, description="Trials at once; derived from cluster resources when unset."
     )
@@ -305,6 +352,11 @@ class TuneConfig(_Section):
         description="Dotted config key -> {choice: [...]} | {uniform: [lo, hi]} | "
         "{loguniform: [lo, hi]}.",
     )
+    output_dir: str | None = Field(
+        None,
+        description="Where the best config (YAML), the results table (CSV) and the plot are "
+        "written; outputs/tune/<name> when unset.",
+    )
 
     @field_validator("search_space")
     @classmethod
@@ -316,7 +368,24 @@ class TuneConfig(_Section):
                     f"tune.search_space.{key} must be one of {{choice: [...]}}, "
                     f"{{uniform: [lo, hi]}}, {{loguniform: [lo, hi]}}, got {spec!r}"
                 )
+            kind, args = next(iter(spec.items()))
+            if not isinstance(args, list) or not args:
+                raise ValueError(f"tune.search_space.{key}.{kind} must be a non-empty list, got {args!r}")
+            if kind == "choice":
+                continue
+            if len(args) != 2 or not all(isinstance(a, (int, float)) for a in args) or args[0] >= args[1]:
+                raise ValueError(f"tune.search_space.{key}.{kind} must be [lo, hi] with lo < hi, got {args!r}")
+            if kind == "loguniform" and args[0] <= 0:
+                raise ValueError(f"tune.search_space.{key}.loguniform needs lo > 0, got {args!r}")
         return value
+
+    @model_validator(mode="after")
+    def _asha(self) -> "TuneConfig":
+        if self.grace_period > self.max_steps:
+            raise ValueError(
+                f"tune.grace_period ({self.grace_period}) must be <= tune.max_steps ({self.max_steps})"
+            )
+        return self
 
 
 class TrackingConfig(_Section):
@@ -365,11 +434,22 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":
-        if self.adapter.type == "lora2" and self.adapter.lora2.target_rank > self.adapter.rank:
-            raise ValueError(
-                f"adapter.lora2.target_rank must be <= adapter.rank ({self.adapter.rank}), "
-                f"got {self.adapter.lora2.target_rank}"
-            )
+        a = self.adapter
+        if a.type in ("lora2", "adalora"):
+            if a.pruning.target_rank > a.rank:
+                raise ValueError(
+                    f"adapter.pruning.target_rank must be <= adapter.rank ({a.rank}) for "
+                    f"adapter.type={a.type}, got {a.pruning.target_rank}"
+                )
+            if a.use_dora or a.use_rslora:
+                raise ValueError(f"adapter.type={a.type} does not combine with use_dora or use_rslora")
+            start, end = a.pruning.steps(self.train.max_steps)
+            if not start < end:
+                raise ValueError(
+                    f"adapter.pruning.start/end ({a.pruning.start}, {a.pruning.end}) of "
+                    f"train.max_steps={self.train.max_steps} give no steps to prune in "
+                    f"(steps {start} to {end}); use more steps or a wider range"
+                )
         return self
 
     @property

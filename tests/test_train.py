@@ -212,3 +212,33 @@ def test_replicate_scores_five_models_on_the_same_tokens(ray_local, tmp_path, ti
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(parents) == 1 and len(children) == 5
+
+
+def test_lora2_trains_on_two_workers_with_s2_and_prunes_to_target(ray_local, tmp_path, tiny_model_dir, corpus_dir):
+    """LoRA² through the real loop: orthogonality penalty, allocator after each step, masks
+    in the checkpoint, allocator state for resume; the adapter reloads and merges."""
+    from longtune.adapters import load_adapter
+    from longtune.adapters.lora2 import lora2_layers
+    from longtune.models import load_model
+    from longtune.train.trainer import finetune
+
+    config = make_config(tmp_path, tiny_model_dir, corpus_dir, "train.max_steps=6", "train.run_name=lora2",
+                         "adapter.type=lora2", "adapter.rank=4", "adapter.lora2.outer_rank=4",
+                         "adapter.pruning.target_rank=2", "attention.type=s2")
+    result = finetune(config)
+    ckpt = Path(result.checkpoint_path)
+    assert (ckpt / "adapter_state.pt").is_file()
+    pattern = json.loads((ckpt / "adapter" / "rank_pattern.json").read_text())
+    assert len(pattern) == 8 and sum(pattern.values()) == 2 * 8  # 2 layers x q,k,v,o at target
+    assert result.metrics["ranks_kept"] == 16 and result.metrics["rank_budget"] == 16
+    assert result.metrics["orth_loss"] >= 0
+
+    client, run = mlflow_run(tmp_path, result.mlflow_run_id)
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "ranks_kept")][-1] == 16
+
+    model, _ = load_model(config.model, on_gpu=False, for_training=False, path=tiny_model_dir)
+    model = load_adapter(model, ckpt / "adapter")
+    kept = {n: int(m.lora_mask["default"].sum()) for n, m in lora2_layers(model)}
+    assert kept == pattern
+    for _, layer in lora2_layers(model):  # pruned singular values are exact zeros
+        assert torch.all(layer.lora_E["default"][~layer.lora_mask["default"]] == 0)

@@ -291,17 +291,16 @@ def test_placeholders_are_the_ones_the_header_lists(name):
     assert used == set(PLACEHOLDER.findall(header)), "every placeholder is listed at the top"
 
 
-def test_every_yaml_key_is_commented():
-    """Every mapping key of the launcher YAMLs has a comment on its line or just above,
-    except inside lists and blocks of cloud API parameters that the comment above explains."""
-    for name in LAUNCHER_YAMLS:
-        lines = (CLUSTERS / name).read_text().splitlines()
-        for i, line in enumerate(lines):
-            match = re.match(r"^(\s*)([A-Za-z_][\w./-]*):(\s|$)", line)
-            if not match or len(match.group(1)) > 4:
-                continue
-            above = lines[i - 1].strip() if i else ""
-            assert "#" in line or above.startswith("#") or above.endswith(":"), f"{name}:{i + 1}: {line}"
+@pytest.mark.parametrize("name", [*LAUNCHER_YAMLS, "kuberay-rayjob.yaml"])
+def test_every_yaml_key_is_commented(name):
+    """Every key has a comment on its line or on the line just above."""
+    lines = (CLUSTERS / name).read_text().splitlines()
+    bare = []
+    for i, line in enumerate(lines):
+        if re.match(r"^\s*(?:- )?[A-Za-z_][\w./-]*:(\s|$)", line):
+            if "#" not in line and not (i and lines[i - 1].lstrip().startswith("#")):
+                bare.append(f"{i + 1}: {line.strip()}")
+    assert not bare, f"clusters/{name}: keys without a comment: {bare}"
 
 
 def test_walkthrough_commands_name_real_recipes_and_yamls():

@@ -297,9 +297,10 @@ def test_every_yaml_key_is_commented(name):
     lines = (CLUSTERS / name).read_text().splitlines()
     bare = []
     for i, line in enumerate(lines):
-        if re.match(r"^\s*(?:- )?[A-Za-z_][\w./-]*:(\s|$)", line):
-            if "#" not in line and not (i and lines[i - 1].lstrip().startswith("#")):
-                bare.append(f"{i + 1}: {line.strip()}")
+        is_key = re.match(r"^\s*(?:- )?[A-Za-z_][\w./-]*:(\s|$)", line)
+        commented = "#" in line or (i and lines[i - 1].lstrip().startswith("#"))
+        if is_key and not commented:
+            bare.append(f"{i + 1}: {line.strip()}")
     assert not bare, f"clusters/{name}: keys without a comment: {bare}"
 
 

@@ -19,6 +19,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from longtune.config import Config, with_overrides
 
@@ -30,6 +31,22 @@ TRAINED = {
 
 
 def replicate(config: Config, *, console=None) -> dict[str, dict[str, float]]:
+    return compare_trained(config, TRAINED, job="replicate", with_base=True, console=console)
+
+
+def compare_trained(
+    config: Config,
+    trained: dict[str, dict[str, Any]],
+    *,
+    job: str,
+    with_base: bool = False,
+    console=None,
+) -> dict[str, dict[str, float]]:
+    """Train one model per ``trained`` entry (the job's config with those overrides; same
+    data, steps and seed), then score them all, optionally with the base model as it is and
+    interpolated, on the same held-out documents with full attention. Each trained row also
+    holds its training figures (``train_<metric>``: step time, tokens/s, final loss).
+    Tracked as one MLflow run named ``job`` with a nested run per model."""
     from rich.console import Console
 
     from longtune.eval.compare import comparison_table, score_here
@@ -39,37 +56,46 @@ def replicate(config: Config, *, console=None) -> dict[str, dict[str, float]]:
 
     console = console or Console(stderr=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    adapters = {}
-    for name, overrides in TRAINED.items():
-        slug = name.lower().replace(" + ", "-").replace("+", "plus").replace(" ", "-")
+    adapters, training = {}, {}
+    for name, overrides in trained.items():
+        slug = name.lower().replace(" + ", "-").replace("+", "plus").replace("²", "2").replace(" ", "-")
         run = with_overrides(config, {**overrides, "eval.before_after": False,
-                                      "train.run_name": f"replicate-{stamp}-{slug}"})
+                                      "train.run_name": f"{job}-{stamp}-{slug}"})
         console.rule(f"training {name}")
-        adapters[name] = finetune(run, console=console).adapter_path
+        result = finetune(run, console=console)
+        adapters[name] = result.adapter_path
+        training[name] = {f"train_{k}": float(result.metrics[k]) for k in TRAINING_FIGURES
+                          if k in result.metrics}
 
     path = model_path(config.model)
     from transformers import AutoConfig
 
     base_context = original_context(AutoConfig.from_pretrained(path), config.model)
     variants = {
-        "base": {"target_context": base_context},
-        "base + interpolation": {},
-        **{name: {"adapter": adapter} for name, adapter in adapters.items()},
+        **({"base": {"target_context": base_context}, "base + interpolation": {}} if with_base else {}),
+        **{name: {"adapter": adapter, **trained[name]} for name, adapter in adapters.items()},
     }
     console.rule("scoring")
     ray = init_ray(config)
     task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu(config, ray) else 0)(score_here)
-    results = ray.get(task.remote(config, path, variants))
+    scoring = {name: {k: v for k, v in variant.items() if k in ("adapter", "target_context")}
+               for name, variant in variants.items()}
+    results = ray.get(task.remote(config, path, scoring))
+    for name, figures in training.items():
+        results[name].update(figures)
     console.print(comparison_table(
         results, config.eval.lengths,
         f"{config.model.name_or_path}: {base_context} -> {config.model.target_context} tokens, "
         f"{config.train.max_steps} steps each, held-out perplexity (full attention)",
     ))
-    _track(config, results, variants)
+    _track(config, results, variants, job)
     return results
 
 
-def _track(config: Config, results: dict[str, dict[str, float]], variants: dict) -> None:
+TRAINING_FIGURES = ("step_time_s", "tokens_per_s", "loss", "eval_loss", "ranks_kept")
+
+
+def _track(config: Config, results: dict[str, dict[str, float]], variants: dict, job: str) -> None:
     """One MLflow run for the comparison, one nested run per model."""
     if not config.tracking.enabled:
         return
@@ -77,18 +103,18 @@ def _track(config: Config, results: dict[str, dict[str, float]], variants: dict)
 
     cfg = resolved_config(config.tracking)
     parent = Tracker(cfg)
-    parent_id = parent.start_run("replicate", tags={"longtune.job": "replicate"})
+    parent_id = parent.start_run(job, tags={"longtune.job": job})
     parent.log_config(config)
     for name, metrics in results.items():
         child = Tracker(cfg.model_copy(update={"system_metrics": False}))
-        child.start_run(name, parent_run_id=parent_id, tags={"longtune.job": "replicate"})
+        child.start_run(name, parent_run_id=parent_id, tags={"longtune.job": job})
         child.log_params({k: str(v) for k, v in variants[name].items()})
         child.log_metrics(metrics, 0)
         child.end_run("FINISHED")
     with tempfile.TemporaryDirectory() as tmp:
-        table = Path(tmp) / "replicate.json"
+        table = Path(tmp) / f"{job}.json"
         table.write_text(json.dumps(results, indent=2))
-        parent.log_artifact(table, "replicate")
+        parent.log_artifact(table, job)
     parent.end_run("FINISHED")
 
 

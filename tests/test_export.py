@@ -61,7 +61,7 @@ def ids_at(n: int, vocab: int, seed: int) -> torch.Tensor:
     return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
-def build_trained(arch: str, root: Path, tokenizer_path: str):
+def build_trained(arch: str, root: Path, tokenizer_path: str, adapter: str = "lora_plus"):
     """A tiny random base saved like a hub model, a LoRA+ adapter trained on it for a few
     steps at the extended length, and the adapted model's logits on a longer-than-original
     input: (arch, model_dir, adapter_dir, ids, expected_logits, base_embedding)."""
@@ -80,7 +80,7 @@ def build_trained(arch: str, root: Path, tokenizer_path: str):
 
     cfg = export_config(model_dir, root / "adapter", root / "unused")
     model, _ = load_model(cfg.model, for_training=False)  # interpolated x2, like training
-    model = apply_adapter(model, AdapterConfig())
+    model = apply_adapter(model, AdapterConfig(type=adapter), max_steps=3)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for step in range(3):  # large lr: LoRA B, embeddings and norms all move visibly
@@ -154,6 +154,16 @@ def test_export_loads_plain_with_extended_context_and_same_logits(trained, tmp_p
     assert (record["original_context"], record["target_context"]) == (ORIGINAL, TARGET)
     assert record["rope_parameters"]["factor"] == pytest.approx(2.0) and record["dtype"] == "float32"
     assert record["merge_max_abs_diff"] < 1e-4
+
+
+@pytest.mark.parametrize("adapter", ["lora2", "adalora"])
+def test_rank_pruned_adapters_export_with_the_same_logits(adapter, tmp_path, tiny_tokenizer_path):
+    _, model_dir, adapter_dir, ids, expected, _ = build_trained("llama", tmp_path, tiny_tokenizer_path, adapter)
+    out = export_model(export_config(model_dir, adapter_dir, tmp_path / "out"))
+    loaded = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, expected, atol=1e-4, rtol=0)
+    assert not [k for k in saved_keys(out) if any(part in k for part in PEFT_NAME_PARTS)]
 
 
 def test_bfloat16_export_loads_as_bfloat16(llama, tmp_path):

@@ -82,6 +82,7 @@ COMMANDS: tuple[Command, ...] = (
         "tune",
         "Ray Tune search over group size, rank, adapter type and learning rate",
         8,
+        run="longtune.tune:tune_command",
     ),
     Command(
         "export",

@@ -32,74 +32,124 @@ class FinetuneResult:
     tracking_uri: str | None
 
 
-def finetune(config: Config, *, console=None, fault_injection: dict | None = None) -> FinetuneResult:
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from rich.console import Console
+@dataclass
+class DriverSetup:
+    """What a job's driver resolves once before any training run starts."""
 
-    from longtune.data.pipeline import open_blocks
+    model_path: str  # local directory of the base model (the seed model is built here)
+    ray: Any  # the ray module, initialised
+    use_gpu: bool
+    storage: str  # where Ray Train (and Ray Tune) persist runs: absolute local path or URI
+
+
+def setup_driver(config: Config) -> DriverSetup:
+    """Model, Ray, resources and storage, checked in that order: fail fast, never hang."""
     from longtune.models import model_path
     from longtune.runtime import init_ray
     from longtune.runtime import use_gpu as use_gpu_for
-    from longtune.train.loop import train_loop
 
-    console = console or Console(stderr=True)
-    s, t = config.scaling, config.train
     # Ray Train V2 routes workers' print() to its logger *and* to stdout, which the driver
     # then shows twice; the workers' progress lines are plain prints (Ray forwards them once).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-
-    # ---------------------------------------------------------------- model, Ray, resources
     path = model_path(config.model)  # builds the seed model here, once, not in every worker
     ray = init_ray(config)
     use_gpu = use_gpu_for(config, ray)
-    if t.strategy == "fsdp" and not use_gpu:
+    if config.train.strategy == "fsdp" and not use_gpu:
         raise TrainingSetupError("train.strategy=fsdp needs GPU workers; use train.strategy=ddp on CPUs")
     _check_resources(config, ray, use_gpu)
+    return DriverSetup(path, ray, use_gpu, _storage_path(config.train.storage_path, ray))
+
+
+def open_datasets(config: Config) -> tuple[dict[str, Any], bool]:
+    """The run's Ray datasets ("train", and "eval" when held-out blocks are scored) and
+    whether there is an eval set."""
+    from longtune.data.pipeline import open_blocks
+
+    datasets = {"train": open_blocks(config, "train")}
+    has_eval = config.data.eval_fraction > 0 and config.eval.loss_blocks > 0
+    if has_eval:
+        datasets["eval"] = open_blocks(config, "eval")
+    return datasets, has_eval
+
+
+def build_trainer(
+    config: Config,
+    setup: DriverSetup,
+    *,
+    run_name: str,
+    datasets: dict[str, Any],
+    has_eval: bool,
+    tracker=None,
+    storage: str | None = None,
+    callbacks: list | None = None,
+    fault_injection: dict | None = None,
+):
+    """The TorchTrainer of one training run: ``train_loop`` on scaling.num_workers workers,
+    rank 0 logging to ``tracker``'s MLflow run. Relaunching the same ``run_name`` in the same
+    ``storage`` resumes it from its last checkpoint."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from longtune.train.loop import train_loop
+
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # also in Tune's trial actors
+    s, t = config.scaling, config.train
+    loop_config = {
+        "config": config.to_dict(),
+        "model_path": setup.model_path,
+        "has_eval": has_eval,
+        "threads_per_worker": max(1, math.floor(s.cpus_per_worker)),
+        "mlflow": {"tracking": tracker.cfg.model_dump(), "run_id": tracker.run_id} if tracker else None,
+        "fault_injection": fault_injection,
+    }
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=s.num_workers, use_gpu=setup.use_gpu, resources_per_worker={"CPU": s.cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage or setup.storage,
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),  # every worker may read eval
+    )
+
+
+def finetune(config: Config, *, console=None, fault_injection: dict | None = None) -> FinetuneResult:
+    from rich.console import Console
+
+    console = console or Console(stderr=True)
+    s, t = config.scaling, config.train
+
+    # ---------------------------------------------------------------- model, Ray, resources
+    setup = setup_driver(config)
     run_name = t.run_name or f"longtune-{time.strftime('%Y%m%d-%H%M%S')}"
-    storage = _storage_path(t.storage_path, ray)
+    storage = setup.storage
 
     if config.eval.before_after:  # fail now, not after training, on settings it would reject
         _check_eval_settings(config)
 
     # ---------------------------------------------------------------- data
-    datasets = {"train": open_blocks(config, "train")}
-    has_eval = config.data.eval_fraction > 0 and config.eval.loss_blocks > 0
-    if has_eval:
-        datasets["eval"] = open_blocks(config, "eval")
+    datasets, has_eval = open_datasets(config)
 
     # ---------------------------------------------------------------- tracking
-    tracker = _start_tracking(config, run_name)
+    tracker = start_tracking(config, run_name)
     run_id = tracker.run_id if tracker else None
 
     # ---------------------------------------------------------------- fit
-    loop_config = {
-        "config": config.to_dict(),
-        "model_path": path,
-        "has_eval": has_eval,
-        "threads_per_worker": max(1, math.floor(s.cpus_per_worker)),
-        "mlflow": {"tracking": tracker.cfg.model_dump(), "run_id": run_id} if tracker else None,
-        "fault_injection": fault_injection,
-    }
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(
-            num_workers=s.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": s.cpus_per_worker}
-        ),
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=storage,
-            failure_config=FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),  # every worker may read eval
+    trainer = build_trainer(
+        config, setup, run_name=run_name, datasets=datasets, has_eval=has_eval, tracker=tracker,
+        fault_injection=fault_injection,
     )
     console.print(
         f"[bold]longtune finetune[/] run [cyan]{run_name}[/]: {config.model.name_or_path} -> "
         f"{config.model.target_context} tokens, {config.adapter.type} r={config.adapter.rank}, "
-        f"attention={config.attention.type}, {s.num_workers} worker(s){' on GPU' if use_gpu else ''}, "
+        f"attention={config.attention.type}, {s.num_workers} worker(s){' on GPU' if setup.use_gpu else ''}, "
         f"{t.max_steps} steps; checkpoints in {storage}/{run_name}"
     )
     try:
@@ -109,7 +159,7 @@ def finetune(config: Config, *, console=None, fault_injection: dict | None = Non
             tracker.end_run("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         if isinstance(exc, KeyboardInterrupt):
             raise
-        raise TrainingSetupError(f"training run {run_name} failed: {_root_cause(exc)}") from exc
+        raise TrainingSetupError(f"training run {run_name} failed: {root_cause(exc)}") from exc
     if result.checkpoint is None:
         if tracker:
             tracker.end_run("FAILED")
@@ -118,7 +168,7 @@ def finetune(config: Config, *, console=None, fault_injection: dict | None = Non
     # ---------------------------------------------------------------- before / after
     comparison = None
     if config.eval.before_after:
-        comparison = _before_and_after(config, path, result.checkpoint, use_gpu, ray)
+        comparison = _before_and_after(config, setup.model_path, result.checkpoint, setup.use_gpu, setup.ray)
         console.print(_comparison_table(config, comparison))
         if tracker:
             tracker.log_metrics(comparison["before training"], 0)
@@ -134,7 +184,7 @@ def finetune(config: Config, *, console=None, fault_injection: dict | None = Non
     if tracker:
         with result.checkpoint.as_directory() as local:
             tracker.log_artifact(Path(local) / "adapter", "adapter")
-        tracker.log_loss_curve(_curves(tracker, run_id))
+        tracker.log_loss_curve(curves(tracker, run_id))
         tracker.end_run("FINISHED")
     return FinetuneResult(
         run_name=run_name,
@@ -209,20 +259,36 @@ def _storage_path(configured: str | None, ray) -> str:
     return str(local)
 
 
-def _start_tracking(config: Config, run_name: str):
-    """The job's MLflow run, started here on the driver; rank 0 attaches to it. The
-    resolved tracking config (absolute SQLite path) lets workers write to the same store."""
+def start_tracking(
+    config: Config,
+    run_name: str,
+    *,
+    job: str = "finetune",
+    parent_run_id: str | None = None,
+    run_id: str | None = None,
+    tags: dict[str, Any] | None = None,
+    system_metrics: bool | None = None,
+):
+    """The job's MLflow run, started here on the driver (or resumed, with ``run_id``); rank 0
+    attaches to it. The resolved tracking config (absolute SQLite path) lets workers write to
+    the same store. ``parent_run_id`` nests it (a Tune trial under its search)."""
     if not config.tracking.enabled:
         return None
     from longtune.tracking import Tracker, resolved_config
 
-    tracker = Tracker(resolved_config(config.tracking))
-    tracker.start_run(run_name, tags={"longtune.run_name": run_name, "longtune.job": "finetune"})
+    cfg = resolved_config(config.tracking)
+    if system_metrics is not None:
+        cfg = cfg.model_copy(update={"system_metrics": system_metrics})
+    tracker = Tracker(cfg)
+    tracker.start_run(
+        run_name, parent_run_id=parent_run_id, run_id=run_id,
+        tags={"longtune.run_name": run_name, "longtune.job": job, **(tags or {})},
+    )
     tracker.log_config(config)
     return tracker
 
 
-def _curves(tracker, run_id: str) -> dict[str, list[tuple[int, float]]]:
+def curves(tracker, run_id: str) -> dict[str, list[tuple[int, float]]]:
     """(step, value) series of train and eval loss, from the run's MLflow history (Ray
     Train V2's Result keeps only the metrics reported with checkpoints)."""
     curves = {}
@@ -242,7 +308,7 @@ def _before_and_after(config: Config, model_path: str, checkpoint, use_gpu: bool
     try:
         return ray.get(task.remote(config, model_path, checkpoint))
     except Exception as exc:  # training succeeded; say why scoring did not
-        raise TrainingSetupError(f"scoring the tuned model failed: {_root_cause(exc)}") from exc
+        raise TrainingSetupError(f"scoring the tuned model failed: {root_cause(exc)}") from exc
 
 
 def _check_eval_settings(config: Config) -> None:
@@ -262,7 +328,7 @@ def _comparison_table(config: Config, comparison: dict[str, dict[str, float]]):
     return comparison_table(comparison, config.eval.lengths, "held-out perplexity, full attention")
 
 
-def _root_cause(exc: BaseException) -> str:
+def root_cause(exc: BaseException) -> str:
     while True:  # through `raise ... from` chains and Ray's task/actor error wrappers
         inner = exc.__cause__ or getattr(exc, "cause", None)
         if not isinstance(inner, BaseException) or inner is exc:

@@ -4,9 +4,11 @@ initial rank, then scored with full attention on the same held-out documents.
 
     python benchmarks/adapters.py                       # the embedded default (seed model)
     python benchmarks/adapters.py train.max_steps=50    # any dotted config override
+    python benchmarks/adapters.py --types lora2 adalora --out benchmarks/results/x.json train.lr=1e-3
 
-Prints a table (trainable parameters, numbers scored for importance, step time, held-out
-perplexity at each eval length), writes benchmarks/results/adapters.json and logs an MLflow
+Prints a table (trainable parameters, numbers scored for importance, step time measured with
+the adapters taking turns in one process, step time in the training run, held-out perplexity
+at each eval length), writes benchmarks/results/adapters.json and logs an MLflow
 run "compare-adapters" with a nested run per adapter.
 """
 
@@ -27,7 +29,7 @@ ADAPTERS = {
 }
 
 
-def parameter_figures(config, path: str) -> dict[str, dict[str, int]]:
+def parameter_figures(config, path: str, adapters: dict) -> dict[str, dict[str, int]]:
     """Trainable parameters of each adapter on the model, and how many numbers its rank
     allocator scores for importance (AdaLoRA: every A, B and E entry; LoRA²: Qin, Pin, E)."""
     from longtune.adapters import apply_adapter, parameter_counts
@@ -36,7 +38,7 @@ def parameter_figures(config, path: str) -> dict[str, dict[str, int]]:
     from longtune.models import load_model
 
     figures = {}
-    for name, overrides in ADAPTERS.items():
+    for name, overrides in adapters.items():
         cfg = with_overrides(config, overrides)
         model, _ = load_model(cfg.model, on_gpu=False, path=path)
         model = apply_adapter(model, cfg.adapter, cfg.train.max_steps)
@@ -50,7 +52,51 @@ def parameter_figures(config, path: str) -> dict[str, dict[str, int]]:
     return figures
 
 
+def step_times(config, path: str, adapters: dict, reps: int = 7) -> dict[str, float]:
+    """Median seconds per optimizer step of each adapter (S2-Attn, one block of the target
+    context, the adapter's extra loss and allocator included), measured in this process with
+    the adapters taking turns, so machine noise slows all alike."""
+    import itertools
+    import time
+
+    import torch
+
+    from longtune.adapters import training_hooks
+    from longtune.config import with_overrides
+    from longtune.train.loop import (
+        autocast_for,
+        build_model,
+        build_optimizer,
+        optimizer_step,
+    )
+
+    cpu = torch.device("cpu")
+    steppers = {}
+    for name, overrides in adapters.items():
+        cfg = with_overrides(config, {**overrides, "attention.type": "s2", "train.batch_size_per_worker": 1,
+                                      "train.grad_accum_steps": 1})
+        model = build_model(cfg, path, cpu)
+        params, optimizer, scheduler = build_optimizer(cfg, model)
+        hooks = training_hooks(model, cfg.adapter, cfg.train.max_steps)
+        steppers[name] = (cfg, model, params, optimizer, scheduler, hooks, autocast_for(cfg, cpu))
+    n = config.context_length
+    g = torch.Generator().manual_seed(0)
+    block = {"input_ids": torch.randint(1, 4000, (1, n), generator=g), "position_ids": torch.arange(n)[None]}
+    times: dict[str, list[float]] = {name: [] for name in steppers}
+    warmup = 3  # new matmul shapes (LoRA²'s thin k- and r-wide products) compile on first use
+    for rep in range(warmup + reps):
+        for name, (cfg, model, params, optimizer, scheduler, hooks, autocast) in steppers.items():
+            start = time.perf_counter()
+            optimizer_step(model, itertools.repeat(block), params, optimizer, scheduler, cfg, autocast,
+                           hooks, rep + 1)
+            if rep >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
 def main(argv: list[str]) -> int:
+    import argparse
+
     from rich.console import Console
     from rich.table import Table
 
@@ -58,34 +104,43 @@ def main(argv: list[str]) -> int:
     from longtune.models import model_path
     from longtune.replicate import compare_trained
 
-    config = load_config(None, ["attention.type=s2", *argv])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--types", nargs="+", choices=[o["adapter.type"] for o in ADAPTERS.values()],
+                        help="adapter types to compare (all four when unset)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "adapters.json"))
+    args, overrides = parser.parse_known_args(argv)
+    adapters = {name: o for name, o in ADAPTERS.items() if not args.types or o["adapter.type"] in args.types}
+    config = load_config(None, ["attention.type=s2", *overrides])
     console = Console()
     path = model_path(config.model)
-    params = parameter_figures(config, path)
-    runs = {name: {**overrides, "attention.type": "s2"} for name, overrides in ADAPTERS.items()}
+    params = parameter_figures(config, path, adapters)
+    console.print("timing one optimizer step of each adapter, in turns ...")
+    timed = step_times(config, path, adapters)
+    runs = {name: {**overrides, "attention.type": "s2"} for name, overrides in adapters.items()}
     results = compare_trained(config, runs, job="compare-adapters", console=console)
 
     lengths = config.eval.lengths
     table = Table(title=f"adapters, S2-Attn, {config.train.max_steps} steps, r={config.adapter.rank} "
                         f"(pruned to {config.adapter.pruning.target_rank}), held-out perplexity")
-    for column in ("adapter", "trainable", "of which adapter", "scored for importance", "s/step",
+    for column in ("adapter", "trainable", "of which adapter", "scored for importance", "s/step", "s/step in run",
                    *(f"ppl @ {n}" for n in lengths)):
         table.add_column(column, justify="left" if column == "adapter" else "right")
     rows = {}
-    for name in ADAPTERS:
+    for name in adapters:
         r, p = results[name], params[name]
-        rows[name] = {**p, **r}
+        rows[name] = {**p, **r, "step_time_s": timed[name]}
         table.add_row(
             name, f"{p['trainable']:,}", f"{p['adapter']:,}", f"{p['scored']:,}" if p["scored"] else "-",
-            f"{r.get('train_step_time_s', float('nan')):.3f}",
+            f"{timed[name]:.3f}", f"{r.get('train_step_time_s', float('nan')):.3f}",
             *(f"{r[f'ppl_{n}']:.2f}" for n in lengths),
         )
     console.print(table)
-    ada, lora2 = params["AdaLoRA"]["scored"], params["LoRA²"]["scored"]
-    console.print(f"LoRA² scores {lora2:,} numbers for importance, AdaLoRA {ada:,}: "
-                  f"{1 - lora2 / ada:.1%} fewer")
-    out = write_json(Path(__file__).parent / "results" / "adapters.json", {
-        "config": {"max_steps": config.train.max_steps, "rank": config.adapter.rank,
+    if "AdaLoRA" in params and "LoRA²" in params:
+        ada, lora2 = params["AdaLoRA"]["scored"], params["LoRA²"]["scored"]
+        console.print(f"LoRA² scores {lora2:,} numbers for importance, AdaLoRA {ada:,}: "
+                      f"{1 - lora2 / ada:.1%} fewer")
+    out = write_json(args.out, {
+        "config": {"max_steps": config.train.max_steps, "lr": config.train.lr, "rank": config.adapter.rank,
                    "target_rank": config.adapter.pruning.target_rank,
                    "outer_rank": config.adapter.lora2.outer_rank, "lengths": lengths},
         "rows": rows,

@@ -29,7 +29,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     # One INFO line per report from Ray Train's worker context is noise next to our own log.
-    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
+    _quiet_report_log()
     config: Config = from_dict(loop_config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -139,6 +139,16 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         window_start = time.perf_counter()  # eval and checkpoint time is not training time
     if tracker is not None:
         tracker.close()  # stops this process's system metrics; the driver ends the run
+
+
+def _quiet_report_log() -> None:
+    """Ray Train V2 logs one INFO line per report ("Reporting training result ...") from a
+    logger named after its module's *file path*, so a dotted-name getLogger misses it."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # a Ray without Train V2's layout: nothing to quiet
+        return
+    getattr(context, "logger", logging.getLogger(context.__file__)).setLevel(logging.WARNING)
 
 
 def build_model(config: Config, model_path: str, device):

@@ -341,7 +341,9 @@ class TuneConfig(_Section):
         None, gt=0, description="Trials at once; derived from cluster resources when unset."
     )
     grace_period: int = Field(10, gt=0, description="ASHA: steps before a trial may be stopped.")
-    reduction_factor: int = Field(2, gt=1, description="ASHA reduction factor.")
+    reduction_factor: int = Field(
+        3, gt=1, description="ASHA: a trial goes on past a rung if it is in the best 1/N there."
+    )
     search_space: dict[str, Any] = Field(
         default_factory=lambda: {
             "attention.group_size_ratio": {"choice": [0.5, 0.25, 0.125]},

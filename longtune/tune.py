@@ -442,7 +442,8 @@ def tune(config: Config, *, console=None, callbacks: list | None = None) -> Tune
     registry = TrialRuns.options(name=_registry_name(name)).remote()
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(
-            run_trial, base=config.to_dict(), setup=replace(setup, ray=None), datasets=datasets,
+            run_trial, base=_with_resolved_tracking(config).to_dict(), setup=replace(setup, ray=None),
+            datasets=datasets,
             with_eval=with_eval, train_storage=f"{experiment_path}/train",
             parent_run_id=parent_id, search_name=name,
         ),
@@ -498,6 +499,17 @@ def tune(config: Config, *, console=None, callbacks: list | None = None) -> Tune
         _log_parent(parent, config, result)
         parent.end_run("FINISHED")
     return result
+
+
+def _with_resolved_tracking(config: Config) -> Config:
+    """The config trials get: the MLflow store and experiment written in, as the driver
+    resolves them (a trial runs in its own working directory, where a default
+    ``sqlite:///mlflow.db`` would be another store)."""
+    from longtune.tracking import resolved_config
+
+    if not config.tracking.enabled:
+        return config
+    return config.model_copy(update={"tracking": resolved_config(config.tracking)})
 
 
 def _trial_dirname(trial) -> str:
@@ -672,22 +684,28 @@ def results_csv(config: Config, rows: list[TrialRow]) -> str:
     return out.getvalue()
 
 
+SHORT_NAMES = {"attention.group_size_ratio": "group ratio", "adapter.rank": "rank",
+               "adapter.type": "adapter", "train.lr": "lr"}
+
+
 def results_table(config: Config, result: TuneResult):
+    """The rows as a rich table (errors are printed below it, in full)."""
+    from rich import box
     from rich.table import Table
 
     t = config.tune
-    table = Table(title=f"longtune tune {result.name}: {t.metric} after up to {t.max_steps} steps "
-                        f"({t.mode}imize; * best)")
+    table = Table(title=f"longtune tune {result.name}: {t.metric} after up to {t.max_steps} steps, "
+                        f"* = best", box=box.SIMPLE_HEAD)
     keys = list(t.search_space)
-    for column in ["trial", *keys, t.metric, "steps", "outcome", "s/step"]:
-        table.add_column(column, justify="left" if column in ("trial", "outcome") else "right")
+    for column in ["trial", *[SHORT_NAMES.get(k, k.rsplit(".", 1)[-1]) for k in keys], t.metric, "steps",
+                   "outcome", "s/step"]:
+        table.add_column(column, justify="left" if column in ("trial", "outcome", "adapter") else "right",
+                         no_wrap=True)
     for r in result.rows:
-        mark = " *" if result.best is r else ""
-        outcome = r.outcome + (f": {r.error}" if r.error else "")
         table.add_row(
-            r.trial_id + mark, *[_fmt(r.params.get(k)) for k in keys],
-            "-" if r.objective is None else f"{r.objective:.4f}", str(r.steps), outcome,
-            "-" if r.step_time_s is None else f"{r.step_time_s:.3g}",
+            r.trial_id + (" *" if result.best is r else ""), *[_fmt(r.params.get(k)) for k in keys],
+            "-" if r.objective is None else f"{r.objective:.4f}", str(r.steps), r.outcome,
+            "-" if r.step_time_s is None else f"{r.step_time_s:.2f}",
         )
     return table
 
@@ -865,7 +883,11 @@ def tune_command(config: Config) -> int:
     except (TuneSetupError, TrainingSetupError, DataError, ModelError) as err:
         print(f"longtune tune: {err}", file=sys.stderr)
         return 1
-    console.print(results_table(config, result))
+    # the table is read in logs and `ray job logs` too, where rich would assume 80 columns
+    Console(stderr=True, width=max(console.width, 110)).print(results_table(config, result))
+    for row in result.rows:
+        if row.error:
+            console.print(f"{row.trial_id} failed: {row.error}", soft_wrap=True)
     if not result.finished:
         console.print(
             f"longtune tune: the search {result.name} was interrupted; relaunch with "

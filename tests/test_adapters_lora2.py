@@ -257,7 +257,7 @@ def test_importance_scores_a_small_fraction_of_adaloras_parameters():
     assert lora2_scored_parameter_count(llama7b, 8, 8) / adalora_scored_parameter_count(llama7b, 8) < 0.003
 
 
-def test_adalora_baseline_applies_and_allocates():
+def test_adalora_baseline_applies_allocates_and_reloads(tmp_path):
     config = load_config(None, ["adapter.type=adalora", "adapter.rank=6", "adapter.pruning.target_rank=2",
                                 "train.max_steps=10"])
     model = apply_adapter(tiny_llama(), config.adapter, config.train.max_steps)
@@ -272,6 +272,14 @@ def test_adalora_baseline_applies_and_allocates():
         hooks.after_optimizer_step(step)
         optimizer.zero_grad()
     assert hooks.metrics()["ranks_kept"] <= 2 * 8
+
+    # PEFT saves AdaLoRA pruned to its rank pattern; reloaded, it computes the same logits
+    model.eval()
+    with torch.no_grad():
+        expected = model(IDS).logits
+    reloaded = load_adapter(tiny_llama(), save_adapter(model, tmp_path / "adalora")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(IDS).logits, expected, atol=1e-5, rtol=0)
 
 
 def test_config_rejects_pruning_that_cannot_run():

@@ -272,10 +272,14 @@ class _EvalBlocks:
         with torch.no_grad(), autocast:
             for batch in self.blocks:
                 ids, positions, labels = _inputs(batch)
-                out = model(input_ids=ids, position_ids=positions, labels=labels)
-                n = int((labels[:, 1:] != -100).sum())
-                total += out.loss.item() * n
-                count += n
+                # the negative log-likelihood from the logits, not the model's `loss`: PEFT's
+                # AdaLoRA adds its orthogonality penalty to `loss`, even in eval mode
+                logits = model(input_ids=ids, position_ids=positions).logits[:, :-1].float()
+                targets = labels[:, 1:]
+                total += torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
+                ).item()
+                count += int((targets != -100).sum())
         model.train()
         mean = total / max(count, 1)
         return {"eval_loss": mean, "eval_ppl": float(torch.tensor(mean).exp())}

@@ -111,7 +111,7 @@ def main(argv: list[str]) -> int:
     args, overrides = parser.parse_known_args(argv)
     adapters = {name: o for name, o in ADAPTERS.items() if not args.types or o["adapter.type"] in args.types}
     config = load_config(None, ["attention.type=s2", *overrides])
-    console = Console()
+    console = Console(width=160)  # the table is wide; logs and pipes default to 80 columns
     path = model_path(config.model)
     params = parameter_figures(config, path, adapters)
     console.print("timing one optimizer step of each adapter, in turns ...")

@@ -117,7 +117,10 @@ def main(argv: list[str]) -> int:
     console.print("timing one optimizer step of each adapter, in turns ...")
     timed = step_times(config, path, adapters)
     runs = {name: {**overrides, "attention.type": "s2"} for name, overrides in adapters.items()}
-    results = compare_trained(config, runs, job="compare-adapters", console=console)
+    extra = {name: {"trainable_params": params[name]["trainable"], "adapter_params": params[name]["adapter"],
+                    "scored_for_importance": params[name]["scored"], "step_time_s": timed[name]}
+             for name in adapters}
+    results = compare_trained(config, runs, job="compare-adapters", extra=extra, console=console)
 
     lengths = config.eval.lengths
     table = Table(title=f"adapters, S2-Attn, {config.train.max_steps} steps, r={config.adapter.rank} "
@@ -128,7 +131,7 @@ def main(argv: list[str]) -> int:
     rows = {}
     for name in adapters:
         r, p = results[name], params[name]
-        rows[name] = {**p, **r, "step_time_s": timed[name]}
+        rows[name] = {**p, **r}
         table.add_row(
             name, f"{p['trainable']:,}", f"{p['adapter']:,}", f"{p['scored']:,}" if p["scored"] else "-",
             f"{timed[name]:.3f}", f"{r.get('train_step_time_s', float('nan')):.3f}",

@@ -40,13 +40,14 @@ def compare_trained(
     *,
     job: str,
     with_base: bool = False,
+    extra: dict[str, dict[str, float]] | None = None,
     console=None,
 ) -> dict[str, dict[str, float]]:
     """Train one model per ``trained`` entry (the job's config with those overrides; same
     data, steps and seed), then score them all, optionally with the base model as it is and
     interpolated, on the same held-out documents with full attention. Each trained row also
-    holds its training figures (``train_<metric>``: step time, tokens/s, final loss).
-    Tracked as one MLflow run named ``job`` with a nested run per model."""
+    holds its training figures (``train_<metric>``: step time, tokens/s, final loss) and any
+    ``extra`` figures given for it. Tracked as one MLflow run named ``job`` with a nested run per model."""
     from rich.console import Console
 
     from longtune.eval.compare import comparison_table, score_here
@@ -83,6 +84,7 @@ def compare_trained(
     results = ray.get(task.remote(config, path, scoring))
     for name, figures in training.items():
         results[name].update(figures)
+        results[name].update((extra or {}).get(name, {}))
     console.print(comparison_table(
         results, config.eval.lengths,
         f"{config.model.name_or_path}: {base_context} -> {config.model.target_context} tokens, "

@@ -243,7 +243,9 @@ class TrainConfig(_Section):
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto = bf16 autocast where supported, else fp32."
     )
-    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="Data parallel strategy.")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="Data parallel strategy; fsdp is refused for now (not yet correct with adapters)."
+    )
     log_every: int = Field(10, gt=0, description="Log metrics every N steps.")
     checkpoint_every: int = Field(100, gt=0, description="Checkpoint every M steps and at the end.")
     seed: int = Field(0, description="Random seed.")

@@ -397,6 +397,14 @@ class Tracker:
 # ---------------------------------------------------------------- helpers
 
 
+def ui_hint(tracking_uri: str) -> str:
+    """How to look at runs in ``tracking_uri``: a store is opened with `mlflow ui`; a
+    tracking server already is the UI."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"Open it at: {tracking_uri}"
+    return f"Open it with: mlflow ui --backend-store-uri {tracking_uri}"
+
+
 def param_value(value: Any) -> str:
     """An MLflow param value: strings as they are, anything else (numbers, bools, None,
     lists, dicts) as JSON; cut to 6000 characters with a visible marker."""

@@ -903,7 +903,9 @@ def tune_command(config: Config) -> int:
         print(f"{name}: {path}")
     if result.mlflow_run_id:
         print(f"MLflow parent run: {result.mlflow_run_id} in {result.tracking_uri}")
-        print(f"Open it with: mlflow ui --backend-store-uri {result.tracking_uri}")
+        from longtune.tracking import ui_hint
+
+        print(ui_hint(result.tracking_uri))
     if "best_config.yaml" in result.files:
         print(f"Train the best config: python pipelines/finetune.py --config {result.files['best_config.yaml']}")
     return 0

@@ -54,8 +54,14 @@ def setup_driver(config: Config) -> DriverSetup:
     path = model_path(config.model)  # builds the seed model here, once, not in every worker
     ray = init_ray(config)
     use_gpu = use_gpu_for(config, ray)
-    if config.train.strategy == "fsdp" and not use_gpu:
-        raise TrainingSetupError("train.strategy=fsdp needs GPU workers; use train.strategy=ddp on CPUs")
+    if config.train.strategy == "fsdp":
+        # Ray Train's default FSDP wrapping puts frozen base weights and trainable adapter
+        # weights in one flat parameter, which FSDP refuses ("Must flatten tensors with
+        # uniform requires_grad"), and rank 0 alone would gather the state to save it
+        raise TrainingSetupError(
+            "train.strategy=fsdp is not supported yet with adapters (FSDP needs "
+            "use_orig_params, per-layer wrapping and a collective save); use train.strategy=ddp"
+        )
     _check_resources(config, ray, use_gpu)
     return DriverSetup(path, ray, use_gpu, _storage_path(config.train.storage_path, ray))
 
@@ -351,5 +357,7 @@ def _print_summary(result: FinetuneResult, console) -> None:
     console.print(f"checkpoint: {result.checkpoint_path}", soft_wrap=True)
     if result.mlflow_run_id:
         console.print(f"MLflow run: {result.mlflow_run_id} in {result.tracking_uri}", soft_wrap=True)
-        console.print(f"Open it with: mlflow ui --backend-store-uri {result.tracking_uri}", soft_wrap=True)
+        from longtune.tracking import ui_hint
+
+        console.print(ui_hint(result.tracking_uri), soft_wrap=True)
     console.print(f"Relaunch with train.run_name={result.run_name} to resume this run.", soft_wrap=True)

@@ -208,6 +208,18 @@ def test_best_config_yaml_trains(search, tmp_path):
     assert result.metrics["step"] == 2 and Path(result.adapter_path).is_dir()
 
 
+@pytest.mark.slow
+def test_optuna_search_runs(ray_local, tmp_path, tiny_model_dir, corpus_dir):
+    pytest.importorskip("optuna")
+    from longtune.tune import tune
+
+    config = tune_config(tmp_path, tiny_model_dir, corpus_dir, "tune.name=optuna", "tune.search_alg=optuna",
+                         "tune.num_samples=1", "tune.max_steps=2", "tune.grace_period=2")
+    result = tune(config)
+    assert result.finished and [r.outcome for r in result.rows] == ["completed"]
+    assert Path(result.files["best_config.yaml"]).is_file()
+
+
 # -------------------------------------------------------------------- bad inputs
 
 
@@ -281,3 +293,15 @@ def _escape(text: str) -> str:
     import re
 
     return re.escape(text)
+
+
+def test_trials_log_to_the_drivers_mlflow_store(tmp_path, monkeypatch):
+    """A trial runs in its own working directory: the driver's default store is written in."""
+    from longtune.tune import _with_resolved_tracking
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    trial = _with_resolved_tracking(load_config(None, []))
+    assert trial.tracking.tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert trial.tracking.experiment_name == "longtune"

@@ -42,7 +42,7 @@ from peft import AdaLoraConfig, LoraConfig, PeftModel, TaskType, get_peft_model
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from torch import nn
 
-from longtune.adapters.lora2 import ADAPTER_MARKER, Lora2PeftConfig, lora2_layers
+from longtune.adapters.lora2 import ADAPTER_MARKER, Lora2PeftConfig, rank_pattern
 from longtune.atomic import publish_dir
 from longtune.config import AdapterConfig
 
@@ -168,10 +168,10 @@ def save_adapter(model: PeftModel, path: str | os.PathLike[str]) -> Path:
     ``path`` is moved aside only after the new one is complete, then deleted."""
     if not isinstance(model, PeftModel):
         raise TypeError(f"save_adapter expects a peft.PeftModel, got {type(model).__name__}")
+
     def write(tmp: Path) -> None:
         model.save_pretrained(str(tmp))
-        pattern = {name: int(layer.lora_mask[a].sum()) for name, layer in lora2_layers(model)
-                   for a in layer.lora_mask}
+        pattern = rank_pattern(model)
         if pattern:  # for people: the weights file's lora_mask buffers are the record loaded
             (tmp / RANK_PATTERN_FILE).write_text(json.dumps(pattern, indent=1) + "\n")
 
@@ -192,7 +192,8 @@ def load_adapter(
     if not directory.is_dir() or not config_file.is_file():
         raise ValueError(f"{str(directory)!r} is not a PEFT adapter directory (no {CONFIG_NAME})")
     try:
-        peft_type = json.loads(config_file.read_text(encoding="utf-8")).get("peft_type")
+        saved = json.loads(config_file.read_text(encoding="utf-8"))
+        peft_type = saved.get("peft_type")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
         raise ValueError(f"{str(config_file)!r} is not a valid PEFT adapter config") from exc
     if not peft_type:
@@ -203,14 +204,13 @@ def load_adapter(
         )
     with _quiet_peft():
         return PeftModel.from_pretrained(
-            base_model, str(directory), is_trainable=trainable, config=_lora2_config(config_file)
+            base_model, str(directory), is_trainable=trainable, config=_lora2_config(saved)
         )
 
 
-def _lora2_config(config_file: Path) -> Lora2PeftConfig | None:
+def _lora2_config(saved: dict) -> Lora2PeftConfig | None:
     """The config of a saved LoRA² adapter (which registers its layer with PEFT); None for
     any other adapter, which PEFT reads by itself."""
-    saved = json.loads(config_file.read_text(encoding="utf-8"))
     if saved.get("longtune_adapter") != ADAPTER_MARKER:
         return None
     fields = set(Lora2PeftConfig.__dataclass_fields__)

@@ -171,6 +171,11 @@ def lora2_layers(model: nn.Module) -> Iterator[tuple[str, Lora2Linear]]:
             yield name, module
 
 
+def rank_pattern(model: nn.Module) -> dict[str, int]:
+    """Singular values kept (``lora_mask``) per LoRA² layer of ``model``; empty without any."""
+    return {name: int(layer.lora_mask[a].sum()) for name, layer in lora2_layers(model) for a in layer.lora_mask}
+
+
 def semi_orthogonality(matrix: torch.Tensor) -> torch.Tensor:
     """||M Mᵀ - I||_F over the smaller Gram matrix: zero exactly when M's rows (wide M) or
     columns (tall M) are orthonormal. Each LoRA² factor can be orthonormal only that way."""
@@ -183,17 +188,13 @@ def orthogonality_loss(model: nn.Module) -> torch.Tensor:
     """The mean semi-orthogonality penalty over every factor of every LoRA² layer (each
     plane Qout, Qin, Pin, Pout), in fp32 whatever autocast is active. Zero when the model
     has no LoRA² layer."""
-    device_type = "cuda" if any(p.is_cuda for p in model.parameters()) else "cpu"
-    penalties = []
-    with torch.autocast(device_type, enabled=False):
-        for _, layer in lora2_layers(model):
-            for adapter in layer.active_adapters:
-                if adapter in layer.lora_E:
-                    penalties += [semi_orthogonality(getattr(layer, n)[adapter])
-                                  for n in FACTORS if n != "lora_E"]
-    if not penalties:
+    planes = [getattr(layer, n)[adapter] for _, layer in lora2_layers(model)
+              for adapter in layer.active_adapters if adapter in layer.lora_E
+              for n in FACTORS if n != "lora_E"]
+    if not planes:
         return torch.zeros((), device=next(model.parameters()).device)
-    return torch.stack(penalties).mean()
+    with torch.autocast(planes[0].device.type, enabled=False):
+        return torch.stack([semi_orthogonality(m) for m in planes]).mean()
 
 
 def scored_parameter_count(model: nn.Module) -> int:
@@ -355,6 +356,7 @@ __all__ = [
     "lora2_layers",
     "lora2_scored_parameter_count",
     "orthogonality_loss",
+    "rank_pattern",
     "scored_parameter_count",
     "semi_orthogonality",
 ]

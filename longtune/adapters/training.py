@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from longtune.adapters.lora2 import RankAllocator, lora2_layers, orthogonality_loss
+from longtune.adapters.lora2 import RankAllocator, orthogonality_loss
 from longtune.config import AdapterConfig
 
 
@@ -101,9 +101,7 @@ class AdaLoraHooks(AdapterHooks):
 def training_hooks(model: nn.Module, cfg: AdapterConfig, max_steps: int) -> AdapterHooks:
     """The hooks for ``model`` (a PeftModel built by ``apply_adapter`` from ``cfg``)."""
     if cfg.type == "lora2":
-        if not any(True for _ in lora2_layers(model)):
-            raise ValueError("adapter.type=lora2 but the model has no LoRA² layers")
-        return Lora2Hooks(model, cfg, max_steps)
+        return Lora2Hooks(model, cfg, max_steps)  # the allocator refuses a model without LoRA² layers
     if cfg.type == "adalora":
         return AdaLoraHooks(model)
     return AdapterHooks()

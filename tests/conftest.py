@@ -63,6 +63,15 @@ def make_text():
 
 
 @pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> str:
+    """30 make_words documents of 400-1125 words: a corpus for small training runs."""
+    path = tmp_path_factory.mktemp("corpus")
+    for i in range(30):
+        (path / f"doc{i:02d}.txt").write_text(make_words(i, 400 + 25 * i))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_tokenizer_path) -> str:
     """A tiny random Llama (original context 64) saved with its tokenizer, like a hub model."""
     import torch

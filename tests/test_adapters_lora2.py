@@ -158,6 +158,14 @@ def _fake_training_step(model, generator) -> None:
             layer.lora_E["default"].add_(0.01 * torch.randn(layer.lora_E["default"].shape, generator=generator))
 
 
+def prune(model, hooks, steps: int) -> None:
+    """``steps`` fake training steps, each followed by the hooks (allocator) as in the loop."""
+    generator = torch.Generator().manual_seed(0)
+    for step in range(1, steps + 1):
+        _fake_training_step(model, generator)
+        hooks.after_optimizer_step(step)
+
+
 def test_pruning_follows_the_cubic_budget_and_ends_at_the_target_rank():
     model, config = lora2_model()
     randomize_singular_values(model)
@@ -194,10 +202,7 @@ def test_allocator_state_round_trips_for_resume():
     model, config = lora2_model()
     randomize_singular_values(model)
     hooks = training_hooks(model, config.adapter, 20)
-    generator = torch.Generator().manual_seed(0)
-    for step in range(1, 6):
-        _fake_training_step(model, generator)
-        hooks.after_optimizer_step(step)
+    prune(model, hooks, 5)
     state = hooks.state_dict()
     other = training_hooks(lora2_model()[0], config.adapter, 20)
     other.load_state_dict(state)
@@ -209,10 +214,7 @@ def test_pruned_adapter_save_load_round_trip_gives_identical_logits(tmp_path):
     model, config = lora2_model()
     randomize_singular_values(model)
     hooks = training_hooks(model, config.adapter, 20)
-    generator = torch.Generator().manual_seed(0)
-    for step in range(1, 21):
-        _fake_training_step(model, generator)
-        hooks.after_optimizer_step(step)
+    prune(model, hooks, 20)
     pattern = hooks.allocator.rank_pattern()
     assert len(set(pattern.values())) > 1  # layers kept different ranks
     model.eval()

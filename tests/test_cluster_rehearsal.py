@@ -30,15 +30,6 @@ def load_rehearse():
     return sys.modules[name]
 
 
-@pytest.fixture
-def corpus(tmp_path, make_text) -> Path:
-    path = tmp_path / "corpus"
-    path.mkdir()
-    for i in range(30):
-        (path / f"doc{i:02d}.txt").write_text(make_text(i, 400 + 25 * i))
-    return path
-
-
 def test_free_ports_are_distinct_and_bindable():
     rehearse = load_rehearse()
     ports = rehearse.free_ports(10)
@@ -48,7 +39,7 @@ def test_free_ports_are_distinct_and_bindable():
             s.bind(("127.0.0.1", port))
 
 
-def test_rehearsal_submits_the_default_recipe_and_cleans_up(tmp_path, tiny_model_dir, corpus):
+def test_rehearsal_submits_the_default_recipe_and_cleans_up(tmp_path, tiny_model_dir, corpus_dir):
     rehearse = load_rehearse()
     workdir = tmp_path / "rehearsal"
 
@@ -56,7 +47,7 @@ def test_rehearsal_submits_the_default_recipe_and_cleans_up(tmp_path, tiny_model
         [
             # the embedded default, made small: a tiny model and corpus, two steps
             f"model.name_or_path={tiny_model_dir}", "model.target_context=128",
-            f"data.sources=[{corpus}]", "data.min_doc_chars=100", "data.eval_fraction=0.2",
+            f"data.sources=[{corpus_dir}]", "data.min_doc_chars=100", "data.eval_fraction=0.2",
             "train.max_steps=2", "train.warmup_steps=0", "train.log_every=1", "train.checkpoint_every=2",
             "train.batch_size_per_worker=1", "eval.loss_blocks=2", "eval.before_after=false",
             "tracking.system_metrics=false",

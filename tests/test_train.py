@@ -13,14 +13,6 @@ from longtune.config import load_config
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory, make_text):
-    path = tmp_path_factory.mktemp("corpus")
-    for i in range(30):
-        (path / f"doc{i:02d}.txt").write_text(make_text(i, 400 + 25 * i))
-    return str(path)
-
-
 def make_config(tmp_path: Path, model_dir: str, corpus: str, *extra: str):
     return load_config(None, [
         f"model.name_or_path={model_dir}", "model.target_context=128",

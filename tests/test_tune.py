@@ -289,11 +289,61 @@ def _escape(text: str) -> str:
 
 def test_trials_log_to_the_drivers_mlflow_store(tmp_path, monkeypatch):
     """A trial runs in its own working directory: the driver's default store is written in."""
-    from longtune.tune import _with_resolved_tracking
+    from longtune.tune import with_resolved_tracking
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
-    trial = _with_resolved_tracking(load_config(None, []))
+    trial = with_resolved_tracking(load_config(None, []))
     assert trial.tracking.tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert trial.tracking.experiment_name == "longtune"
+
+
+# -------------------------------------------------------------------- results, without Ray
+
+
+def _row(trial_id: str, objective, outcome: str, **kw):
+    from longtune.tune import TrialRow
+
+    steps = 4 if outcome == "completed" else 2
+    return TrialRow(trial_id, kw.pop("params", {}), objective, steps, outcome, kw.pop("step_time_s", None),
+                    "ERROR" if outcome == "error" else "TERMINATED", **kw)
+
+
+def test_the_best_trial_is_the_best_of_those_that_ran_every_step():
+    from longtune.tune.results import best_row
+
+    rows = [_row("a", 5.0, "completed"), _row("b", 4.0, "stopped early"), _row("c", 4.5, "completed"),
+            _row("d", None, "completed"), _row("e", 1.0, "error")]
+    assert best_row(rows, "min").trial_id == "c"  # b's better value is no final score
+    assert best_row(rows, "max").trial_id == "a"
+    stopped = [_row("b", 4.0, "stopped early"), _row("f", 3.0, "stopped early"), _row("e", 1.0, "error")]
+    assert best_row(stopped, "min").trial_id == "f"  # none completed: the stopped ones count
+    assert best_row([_row("e", 1.0, "error"), _row("d", None, "completed")], "min") is None
+
+
+def test_results_csv_has_a_column_per_searched_key_and_blanks_for_missing_values():
+    from longtune.tune.results import results_csv
+
+    config = load_config(None, ["tune.search_space={train.lr: {loguniform: [1.0e-5, 1.0e-3]}, "
+                                "adapter.rank: {choice: [4, 8]}}"])
+    rows = [_row("a", 5.123456789, "completed", params={"train.lr": 1e-4, "adapter.rank": 8}, step_time_s=1.23456,
+                 mlflow_run_id="r1"),
+            _row("b", None, "error", params={"train.lr": 2e-5, "adapter.rank": 4}, error="boom")]
+    assert results_csv(config, rows).splitlines() == [
+        "trial_id,train.lr,adapter.rank,eval_loss,steps,outcome,step_time_s,status,mlflow_run_id,error",
+        "a,0.0001,8,5.12346,4,completed,1.235,TERMINATED,r1,",
+        "b,2e-05,4,,2,error,,ERROR,,boom",
+    ]
+
+
+def test_searches_saved_before_the_package_split_still_load():
+    """Ray Tune pickles a search's scheduler, callbacks and trial-folder function by module and
+    name (tuner.pkl): those of a search saved when they lived in longtune/tune.py resolve."""
+    import pickle
+
+    from longtune.tune.asha import ResumableASHA
+
+    assert pickle.loads(b"clongtune.tune\nResumableASHA\n.") is ResumableASHA
+    for name in ("ReleaseTrialRuns", "ProgressLines", "_trial_dirname"):
+        assert callable(pickle.loads(f"clongtune.tune\n{name}\n.".encode()))

@@ -1,0 +1,53 @@
+"""The `longtune tune` command: runs the search and prints the results table, the best
+trial and where its outputs are; returns 0, 1 (the search could not run, or no trial
+reported the metric) or 130 (interrupted: relaunch to resume)."""
+
+from __future__ import annotations
+
+import sys
+
+from longtune.config import Config
+from longtune.tune.resources import TuneSetupError
+from longtune.tune.results import params_text, results_table
+from longtune.tune.search import tune
+
+
+def tune_command(config: Config) -> int:
+    from rich.console import Console
+
+    from longtune.data.errors import DataError
+    from longtune.models import ModelError
+    from longtune.train.trainer import TrainingSetupError
+
+    console = Console(stderr=True)
+    try:
+        result = tune(config, console=console)
+    except (TuneSetupError, TrainingSetupError, DataError, ModelError) as err:
+        print(f"longtune tune: {err}", file=sys.stderr)
+        return 1
+    # the table is read in logs and `ray job logs` too, where rich would assume 80 columns
+    Console(stderr=True, width=max(console.width, 110)).print(results_table(config, result))
+    for row in result.rows:
+        if row.error:
+            console.print(f"{row.trial_id} failed: {row.error}", soft_wrap=True)
+    if not result.finished:
+        console.print(
+            f"longtune tune: the search {result.name} was interrupted; relaunch with "
+            f"tune.name={result.name} (and the same storage) to resume it", soft_wrap=True,
+        )
+        return 130
+    if result.best is None:
+        print(f"longtune tune: no trial of {result.name} reported {config.tune.metric}", file=sys.stderr)
+        return 1
+    print(f"best trial: {result.best.trial_id} {params_text(result.best.params)} "
+          f"{config.tune.metric}={result.best.objective:.4f}")
+    for name, path in result.files.items():
+        print(f"{name}: {path}")
+    if result.mlflow_run_id:
+        print(f"MLflow parent run: {result.mlflow_run_id} in {result.tracking_uri}")
+        from longtune.tracking import ui_hint
+
+        print(ui_hint(result.tracking_uri))
+    if "best_config.yaml" in result.files:
+        print(f"Train the best config: python pipelines/finetune.py --config {result.files['best_config.yaml']}")
+    return 0

@@ -56,7 +56,6 @@ def step_times(config, path: str, adapters: dict, reps: int = 7) -> dict[str, fl
     """Median seconds per optimizer step of each adapter (S2-Attn, one block of the target
     context, the adapter's extra loss and allocator included), measured in this process with
     the adapters taking turns, so machine noise slows all alike."""
-    import itertools
     import time
 
     import torch
@@ -87,7 +86,7 @@ def step_times(config, path: str, adapters: dict, reps: int = 7) -> dict[str, fl
     for rep in range(warmup + reps):
         for name, (cfg, model, params, optimizer, scheduler, hooks, autocast) in steppers.items():
             start = time.perf_counter()
-            optimizer_step(model, itertools.repeat(block), params, optimizer, scheduler, cfg, autocast,
+            optimizer_step(model, [block], params, optimizer, scheduler, cfg, autocast,
                            hooks, rep + 1)
             if rep >= warmup:
                 times[name].append(time.perf_counter() - start)

@@ -70,7 +70,7 @@ class Stepper:
 
         self.switch[method]()
         start = time.perf_counter()
-        optimizer_step(self.model, iter([self.block]), self.params, self.optimizer, self.scheduler,
+        optimizer_step(self.model, [self.block], self.params, self.optimizer, self.scheduler,
                        self.config, self.autocast)
         return time.perf_counter() - start
 
@@ -126,7 +126,7 @@ def _ray_loop(loop_config: dict) -> None:
     model.train()
     for i in range(loop_config["steps"]):
         start = time.perf_counter()
-        optimizer_step(wrapped, batches, params, optimizer, scheduler, config, autocast)
+        optimizer_step(wrapped, [next(batches)], params, optimizer, scheduler, config, autocast)
         times.append(time.perf_counter() - start)
     # Train V2 keeps only the metrics reported with a checkpoint in the Result
     with tempfile.TemporaryDirectory() as directory:
@@ -145,7 +145,7 @@ def plain_loop(config: Config, model_dir: str, blocks: list[dict], threads: int)
     times = []
     for _ in range(len(blocks)):
         start = time.perf_counter()
-        optimizer_step(model, batches, params, optimizer, scheduler, config, autocast)
+        optimizer_step(model, [next(batches)], params, optimizer, scheduler, config, autocast)
         times.append(time.perf_counter() - start)
     return times
 

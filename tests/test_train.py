@@ -86,7 +86,7 @@ def test_saved_adapter_reloads_with_plain_peft_identically(tmp_path, tiny_model_
     blocks = iter([{"input_ids": torch.randint(0, 300, (2, 128), generator=gen),
                     "position_ids": torch.arange(128).repeat(2, 1)} for _ in range(3)])
     for _ in range(3):
-        optimizer_step(model, blocks, params, optimizer, scheduler, config, torch.autocast("cpu", enabled=False))
+        optimizer_step(model, [next(blocks)], params, optimizer, scheduler, config, torch.autocast("cpu", enabled=False))
     write_checkpoint(tmp_path / "ckpt", model, optimizer, scheduler, TrainState(step=3), config.to_yaml())
 
     probe = torch.randint(0, 300, (1, 128), generator=gen)
@@ -108,25 +108,31 @@ def test_saved_adapter_reloads_with_plain_peft_identically(tmp_path, tiny_model_
 
 
 def test_resume_continues_exactly_where_it_stopped(ray_local, tmp_path, tiny_model_dir, corpus_dir):
-    """4 steps, then the same run name relaunched for 8 steps, equals 8 steps in one go
-    (one worker, so the data order is fixed)."""
+    """4 steps on 2 workers, then the same run name relaunched for 8 steps, equals 8 steps in
+    one go: every rank trains on the same blocks at every step, and ends with the same weights."""
     from safetensors.torch import load_file
 
+    from longtune.train.probes import RecordBlocks, read_records
     from longtune.train.trainer import finetune
 
     def run(name, steps):
+        # small packing batches: many bundles from parallel tasks, finishing in any order
         config = make_config(tmp_path, tiny_model_dir, corpus_dir, f"train.max_steps={steps}",
-                             f"train.run_name={name}", "scaling.num_workers=1")
-        return finetune(config)
+                             f"train.run_name={name}", "data.pack_batch_tokens=512")
+        return finetune(config, probes=(RecordBlocks(str(tmp_path / "blocks" / name)),))
 
     run("resumed", 4)
     resumed = run("resumed", 8)
     straight = run("straight", 8)
 
+    blocks = {name: read_records(tmp_path / "blocks" / name) for name in ("resumed", "straight")}
+    assert blocks["resumed"] == blocks["straight"]
+    assert sorted(blocks["straight"]) == [0, 1] and sorted(blocks["straight"][0]) == list(range(1, 9))
+    assert blocks["straight"][0][1] != blocks["straight"][1][1]  # the ranks share out the blocks
     client, second = mlflow_run(tmp_path, resumed.mlflow_run_id)
     assert [m.step for m in client.get_metric_history(second.info.run_id, "loss")] == [6, 8]
     state = json.loads((Path(resumed.checkpoint_path) / "state.json").read_text())
-    assert state["step"] == 8 and state["tokens_seen"] == 8 * 128
+    assert state["step"] == 8 and state["tokens_seen"] == 8 * 2 * 128
     a = load_file(Path(resumed.adapter_path) / "adapter_model.safetensors")
     b = load_file(Path(straight.adapter_path) / "adapter_model.safetensors")
     assert a.keys() == b.keys()
@@ -140,12 +146,13 @@ def test_resume_continues_exactly_where_it_stopped(ray_local, tmp_path, tiny_mod
 
 
 def test_killed_worker_restarts_from_the_last_checkpoint(ray_local, tmp_path, tiny_model_dir, corpus_dir):
+    from longtune.train.probes import KillOnce
     from longtune.train.trainer import finetune
 
     config = make_config(tmp_path, tiny_model_dir, corpus_dir, "train.max_steps=8",
                          "train.run_name=faulty", "train.max_failures=1")
     marker = tmp_path / "killed"
-    result = finetune(config, fault_injection={"kill_at_step": 5, "rank": 1, "marker": str(marker)})
+    result = finetune(config, probes=(KillOnce(step=5, rank=1, marker=str(marker)),))
 
     assert marker.read_text() == "5"  # the worker really died at step 5
     assert result.metrics["step"] == 8

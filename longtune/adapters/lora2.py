@@ -47,6 +47,8 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from longtune.distributed import broadcast_
+
 FACTORS = ("lora_Qout", "lora_Qin", "lora_E", "lora_Pin", "lora_Pout")
 SCORED = ("lora_Qin", "lora_E", "lora_Pin")  # the small inner factors: importance lives here
 ADAPTER_MARKER = "lora2"
@@ -295,10 +297,9 @@ class RankAllocator:
     @torch.no_grad()
     def mask_to_budget(self, budget: int) -> None:
         scores = self.scores()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # identical gradients give identical scores, but a tie or a non-deterministic
-            # kernel must not let two ranks keep different singular values
-            torch.distributed.broadcast(scores, src=0)
+        # identical gradients give identical scores, but a tie or a non-deterministic kernel
+        # must not let two ranks keep different singular values
+        broadcast_(scores, self.device)
         keep = torch.zeros_like(scores, dtype=torch.bool)
         keep[torch.topk(scores, budget, sorted=False).indices] = True
         offset = 0
@@ -330,9 +331,16 @@ class RankAllocator:
     def state_dict(self) -> dict[str, Any]:
         return {"ema_ipt": self.ema_ipt, "ema_unc": self.ema_unc, "budget": self.budget}
 
+    @property
+    def device(self) -> torch.device:
+        """Where the factors (and so the importance EMAs) live."""
+        _, layer, adapter = self.layers[0]
+        return layer.lora_E[adapter].device
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.ema_ipt = dict(state["ema_ipt"])
-        self.ema_unc = dict(state["ema_unc"])
+        """Restore the EMAs onto the factors' device, wherever the state was saved or read."""
+        self.ema_ipt = {k: v.to(self.device) for k, v in state["ema_ipt"].items()}
+        self.ema_unc = {k: v.to(self.device) for k, v in state["ema_unc"].items()}
         self.budget = int(state["budget"])
 
 

@@ -80,11 +80,31 @@ class Lora2Hooks(AdapterHooks):
 
 
 class AdaLoraHooks(AdapterHooks):
-    """PEFT's AdaLoRA: ``update_and_allocate`` after each optimizer step. Its importance
-    EMAs live inside PEFT and are not checkpointed: a resumed AdaLoRA run restarts them."""
+    """PEFT's AdaLoRA: its orthogonality penalty, and ``update_and_allocate`` after each
+    optimizer step. Its importance EMAs live inside PEFT and are not checkpointed: a resumed
+    AdaLoRA run restarts them."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        tuner = model.base_model
+        self.weight = tuner.peft_config[tuner.trainable_adapter_name].orth_reg_weight
+        # (is an A factor, parameter): A is r x in (rows orthonormal), B is out x r (columns)
+        self.factors = [("lora_A" in n, p) for n, p in model.named_parameters()
+                        if ("lora_A" in n or "lora_B" in n) and tuner.trainable_adapter_name in n]
+
+    def extra_loss(self) -> torch.Tensor | None:
+        """PEFT's penalty: the mean of ||A Aᵀ - I|| and ||Bᵀ B - I|| over the factors. PEFT
+        adds it to the model's ``loss`` only when labels are passed; the loop computes the
+        language loss itself (as token sums), so it is added here."""
+        if self.weight == 0 or not self.factors:
+            return None
+        terms = []
+        with torch.autocast(self.factors[0][1].device.type, enabled=False):
+            for is_a, p in self.factors:
+                cov = p @ p.T if is_a else p.T @ p
+                eye = torch.eye(cov.shape[0], device=cov.device, dtype=cov.dtype)
+                terms.append(torch.linalg.matrix_norm(cov - eye))
+        return self.weight * torch.stack(terms).mean()
 
     def after_optimizer_step(self, step: int) -> None:
         self.model.base_model.update_and_allocate(step)

@@ -70,8 +70,15 @@ def read_checkpoint(directory: str | Path, model, optimizer, scheduler, hooks=No
     missing = [k for k in getattr(result, "unexpected_keys", [])]
     if missing:
         raise RuntimeError(f"checkpoint {directory} holds weights this model lacks: {missing[:5]}")
-    optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
+    # Read onto the CPU: a bare torch.load puts tensors saved from cuda:0 back on cuda:0 on
+    # every rank. The optimizer moves its state to each parameter's device as it loads; the
+    # adapter hooks move theirs the same way.
+    optimizer.load_state_dict(_load(directory / "optimizer.pt"))
+    scheduler.load_state_dict(_load(directory / "scheduler.pt"))
     if hooks is not None and (directory / ADAPTER_STATE).is_file():
-        hooks.load_state_dict(torch.load(directory / ADAPTER_STATE, weights_only=True))
+        hooks.load_state_dict(_load(directory / ADAPTER_STATE))
     return TrainState(**json.loads((directory / "state.json").read_text()))
+
+
+def _load(path: Path):
+    return torch.load(path, map_location="cpu", weights_only=True)

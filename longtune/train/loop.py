@@ -9,44 +9,43 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
+import math
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
 from longtune.adapters import training_hooks
-from longtune.config import Config, from_dict
+from longtune.config import Config
+from longtune.distributed import all_reduce_sum, world_size
 from longtune.models import cpu_has_bf16
 from longtune.train.checkpoint import TrainState, read_checkpoint, write_checkpoint
+from longtune.train.loss import block_inputs, target_count, token_loss_sum
+from longtune.train.worker_config import WorkerConfig
 
 
-def train_loop(loop_config: dict[str, Any]) -> None:
+def train_loop(worker: WorkerConfig) -> None:
     import ray.train
     import ray.train.torch
-    import torch.distributed as dist
 
     # One INFO line per report from Ray Train's worker context is noise next to our own log.
     _quiet_report_log()
-    config: Config = from_dict(loop_config["config"])
+    config, t = worker.config, worker.config.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    on_gpu = device.type == "cuda"
-    torch.manual_seed(config.train.seed)
-    if not on_gpu:
-        torch.set_num_threads(max(1, int(loop_config.get("threads_per_worker", 1))))
+    device = ray.train.torch.get_device()  # this worker's own GPU (not always cuda:0), or the CPU
+    torch.manual_seed(t.seed)
+    if device.type != "cuda":
+        torch.set_num_threads(max(1, worker.threads_per_worker))
 
     # ---------------------------------------------------------------- model, optimizer
-    model = build_model(config, loop_config["model_path"], device)
-    wrapped = ray.train.torch.prepare_model(
-        model, move_to_device=False, parallel_strategy=config.train.strategy
-    )
+    model = build_model(config, worker.model_path, device)
+    wrapped = ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy=t.strategy)
     params, optimizer, scheduler = build_optimizer(config, model)
-    hooks = training_hooks(model, config.adapter, config.train.max_steps)
-    t = config.train
+    hooks = training_hooks(model, config.adapter, t.max_steps)
 
     # ---------------------------------------------------------------- resume
     state = TrainState()
@@ -59,20 +58,18 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                   f"batch {state.batches_in_epoch})")
 
     # ---------------------------------------------------------------- data
-    context = config.context_length
-    tokens_per_step = world * t.grad_accum_steps * t.batch_size_per_worker * context
+    tokens_per_step = world * t.grad_accum_steps * t.batch_size_per_worker * config.context_length
     batches = _batches(ray.train.get_dataset_shard("train"), t.batch_size_per_worker, state, device)
-    eval_blocks = _EvalBlocks(loop_config, config, device) if rank == 0 else None
-    tracker = _metrics_logger(loop_config) if rank == 0 else None
+    eval_blocks = _EvalBlocks(config, device) if rank == 0 and worker.has_eval else None
+    tracker = _metrics_logger(worker) if rank == 0 else None
     autocast = autocast_for(config, device)
     config_yaml = config.to_yaml()
-    fault = loop_config.get("fault_injection")
 
     if checkpoint is not None and rank == 0:
         tracker.log_metrics({"resumed_from_step": state.step}, state.step)
 
     # ---------------------------------------------------------------- baseline
-    if state.step == 0 and rank == 0 and eval_blocks is not None:
+    if state.step == 0 and eval_blocks is not None:
         # the extended model before any training: what fine-tuning has to improve on
         baseline = eval_blocks.loss(model, autocast)
         if baseline:
@@ -81,20 +78,17 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     # ---------------------------------------------------------------- train
     model.train()
-    window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
+    window_start, window_steps, window = time.perf_counter(), 0, StepLoss()
     while state.step < t.max_steps:
-        window_loss += optimizer_step(
-            wrapped, batches, params, optimizer, scheduler, config, autocast, hooks, state.step + 1
+        micro_batches = [next(batches) for _ in range(t.grad_accum_steps)]
+        window += optimizer_step(
+            wrapped, micro_batches, params, optimizer, scheduler, config, autocast, hooks, state.step + 1
         )
         state.step += 1
         state.tokens_seen += tokens_per_step
         window_steps += 1
-
-        if fault and rank == fault.get("rank", 0) and state.step == fault["kill_at_step"]:
-            marker = Path(fault["marker"])
-            if not marker.exists():  # the first attempt only
-                marker.write_text(str(state.step))
-                os._exit(1)
+        for probe in worker.probes:
+            probe.after_step(rank, state.step, micro_batches)
 
         log_now = state.step % t.log_every == 0 or state.step == t.max_steps
         checkpoint_now = state.step % t.checkpoint_every == 0 or state.step == t.max_steps
@@ -103,12 +97,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
         # ------------------------------------------------------------ metrics
         elapsed = time.perf_counter() - window_start
-        mean_loss = torch.tensor([window_loss / window_steps], dtype=torch.float64)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(mean_loss)
+        loss_sum, targets = all_reduce_sum([window.loss_sum, window.tokens], device)
         metrics = {
             "step": state.step,
-            "loss": mean_loss.item() / world,
+            "loss": loss_sum / max(targets, 1.0),  # per target token of every rank
             "lr": scheduler.get_last_lr()[0],
             "tokens_per_s": tokens_per_step * window_steps / elapsed,
             "step_time_s": elapsed / window_steps,
@@ -117,10 +109,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             "epoch": state.epoch,
             **hooks.metrics(),
         }
-        window_steps, window_loss = 0, 0.0
+        window_steps, window = 0, StepLoss()
 
         # ------------------------------------------------------------ eval, checkpoint, report
-        if rank == 0 and checkpoint_now and eval_blocks is not None:
+        if checkpoint_now and eval_blocks is not None:
             metrics.update(eval_blocks.loss(model, autocast))
         if rank == 0:
             tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, state.step)
@@ -175,51 +167,68 @@ def build_optimizer(config: Config, model):
     return params, optimizer, get_constant_schedule_with_warmup(optimizer, t.warmup_steps)
 
 
-def optimizer_step(model, batches, params, optimizer, scheduler, config: Config, autocast,
-                   hooks=None, step: int | None = None) -> float:
-    """One optimizer step over train.grad_accum_steps micro-batches; returns the mean
-    language-model loss (an adapter's extra loss, e.g. LoRA²'s orthogonality penalty, is
-    trained on but not included). ``model`` may be a DDP wrapper: gradients sync on the last
-    micro-batch only. ``hooks`` (``longtune.adapters.training_hooks``) run with ``step``, the
-    number of this step counted from 1, after the optimizer step and before zero_grad."""
-    t = config.train
-    total = 0.0
-    for micro in range(t.grad_accum_steps):
-        ids, positions, labels = _inputs(next(batches))
-        last = micro == t.grad_accum_steps - 1
+@dataclass
+class StepLoss:
+    """The language-model loss of one or more steps on one rank, as sums (train/loss.py)."""
+
+    loss_sum: float = 0.0  # summed token cross-entropies
+    tokens: int = 0  # the target tokens they were summed over
+
+    def __iadd__(self, other: StepLoss) -> StepLoss:
+        self.loss_sum += other.loss_sum
+        self.tokens += other.tokens
+        return self
+
+    @property
+    def mean(self) -> float:
+        return self.loss_sum / max(self.tokens, 1)
+
+
+def optimizer_step(model, micro_batches: list[dict[str, torch.Tensor]], params, optimizer, scheduler,
+                   config: Config, autocast, hooks=None, step: int | None = None) -> StepLoss:
+    """One optimizer step over ``micro_batches`` (train.grad_accum_steps batches of blocks,
+    on the worker's device); returns this rank's language-model loss as sums (an adapter's
+    extra loss, e.g. LoRA²'s orthogonality penalty, is trained on but not included).
+
+    The gradient is that of the step's global loss: token losses summed over every
+    micro-batch and rank, divided by the number of target tokens of all ranks (one small
+    all-reduce per step), so a padded block weighs only its real tokens. ``model`` may be a
+    DDP wrapper, which averages gradients over ranks (hence the world-size factor) and syncs
+    on the last micro-batch only. ``hooks`` (``longtune.adapters.training_hooks``) run with
+    ``step``, this step's number counted from 1, after the optimizer step, before zero_grad."""
+    inputs = [block_inputs(batch) for batch in micro_batches]
+    device = inputs[0][0].device
+    local_tokens = sum(target_count(labels) for _, _, labels in inputs)
+    (global_tokens,) = all_reduce_sum([local_tokens], device)
+    scale = world_size() / max(global_tokens, 1.0)
+    result = StepLoss(tokens=local_tokens)
+    for i, (ids, positions, labels) in enumerate(inputs):
+        last = i == len(inputs) - 1
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with autocast:
-                loss = model(input_ids=ids, position_ids=positions, labels=labels).loss
+                loss_sum = token_loss_sum(model, ids, positions, labels)
+            objective = loss_sum * scale
             extra = hooks.extra_loss() if hooks is not None else None
-            objective = loss if extra is None else loss + extra
-            (objective / t.grad_accum_steps).backward()
-        total += loss.item() / t.grad_accum_steps
-    if t.max_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+            if extra is not None:
+                objective = objective + extra / len(inputs)
+            objective.backward()
+        result.loss_sum += loss_sum.item()
+    if config.train.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, config.train.max_grad_norm)
     optimizer.step()
     if hooks is not None:
         hooks.after_optimizer_step(step)
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return total
-
-
-def _inputs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """input_ids, position_ids, labels. A document's first token is not a target: nothing
-    before it in the block belongs to its document (as transformers'
-    DataCollatorWithFlattening does); padding is not a target either."""
-    ids = batch["input_ids"].long()
-    positions = batch["position_ids"].long()
-    labels = ids.masked_fill(positions == 0, -100)
-    if "loss_mask" in batch:
-        labels = labels.masked_fill(batch["loss_mask"] == 0, -100)
-    return ids, positions, labels
+    return result
 
 
 def _batches(shard, batch_size: int, state: TrainState, device) -> Iterator[dict[str, torch.Tensor]]:
     """Endless micro-batches of this worker's shard, epoch after epoch, starting where
-    ``state`` says (the batches of the current epoch already consumed are skipped)."""
+    ``state`` says (the batches of the current epoch already consumed are skipped). The
+    shard's order is the same on every run (build_trainer's DataConfig preserves it), so
+    the skipped batches are exactly the ones trained on before the checkpoint."""
     while True:
         skip = state.batches_in_epoch
         seen = 0
@@ -242,47 +251,37 @@ class _EvalBlocks:
     """Held-out blocks scored with full attention at each checkpoint (rank 0). The first
     ``eval.loss_blocks`` blocks are read once and kept, so streamed data is not re-read."""
 
-    def __init__(self, loop_config: dict[str, Any], config: Config, device) -> None:
+    def __init__(self, config: Config, device) -> None:
         self.limit = config.eval.loss_blocks
         self.device = device
         self.blocks: list[dict[str, torch.Tensor]] | None = None
-        self.has_eval = loop_config.get("has_eval", False)
 
     def _load(self) -> list[dict[str, torch.Tensor]]:
         import ray.train
 
         shard = ray.train.get_dataset_shard("eval")
-        blocks, n = [], 0
+        blocks = []
         for batch in shard.iter_torch_batches(batch_size=1, device=self.device):
             blocks.append(batch)
-            n += 1
-            if n >= self.limit:
+            if len(blocks) >= self.limit:
                 break
         return blocks
 
     def loss(self, model, autocast) -> dict[str, float]:
-        if not self.has_eval or self.limit == 0:
+        if self.limit == 0:
             return {}
         if self.blocks is None:
             self.blocks = self._load()
         if not self.blocks:
             return {}
         model.eval()  # full attention, as LongLoRA evaluates
-        total, count = 0.0, 0
+        total = StepLoss()
         with torch.no_grad(), autocast:
             for batch in self.blocks:
-                ids, positions, labels = _inputs(batch)
-                # the negative log-likelihood from the logits, not the model's `loss`: PEFT's
-                # AdaLoRA adds its orthogonality penalty to `loss`, even in eval mode
-                logits = model(input_ids=ids, position_ids=positions).logits[:, :-1].float()
-                targets = labels[:, 1:]
-                total += torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
-                ).item()
-                count += int((targets != -100).sum())
+                ids, positions, labels = block_inputs(batch)
+                total += StepLoss(token_loss_sum(model, ids, positions, labels).item(), target_count(labels))
         model.train()
-        mean = total / max(count, 1)
-        return {"eval_loss": mean, "eval_ppl": float(torch.tensor(mean).exp())}
+        return {"eval_loss": total.mean, "eval_ppl": math.exp(total.mean)}
 
 
 def autocast_for(config: Config, device):
@@ -305,19 +304,15 @@ def _peak_memory_mb(device) -> float:
     return float("nan")
 
 
-def _metrics_logger(loop_config: dict[str, Any]):
+def _metrics_logger(worker: WorkerConfig):
     """Rank 0's MLflow tracker, attached to the run the driver started (never ends it)."""
     from longtune.config import TrackingConfig
     from longtune.tracking import Tracker
 
-    run = loop_config.get("mlflow") or {}
-    return Tracker.attach(
-        TrackingConfig(**run.get("tracking", {"enabled": False})), run.get("run_id"), node_id="rank0"
-    )
+    return Tracker.attach(worker.tracking or TrackingConfig(enabled=False), worker.run_id, node_id="rank0")
 
 
 def _fmt(key: str, value: Any) -> str:
     if isinstance(value, float):
         return f"{key}={value:.4g}"
     return f"{key}={value}"
-

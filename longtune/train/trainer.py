@@ -88,29 +88,32 @@ def build_trainer(
     tracker=None,
     storage: str | None = None,
     callbacks: list | None = None,
-    fault_injection: dict | None = None,
+    probes: tuple = (),
 ):
     """The TorchTrainer of one training run: ``train_loop`` on scaling.num_workers workers,
     rank 0 logging to ``tracker``'s MLflow run. Relaunching the same ``run_name`` in the same
-    ``storage`` resumes it from its last checkpoint."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    ``storage`` resumes it from its last checkpoint. ``probes`` (longtune.train.probes) are
+    called on every worker after every step."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from longtune.train.loop import train_loop
+    from longtune.train.worker_config import WorkerConfig
 
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # also in Tune's trial actors
     s, t = config.scaling, config.train
-    loop_config = {
-        "config": config.to_dict(),
-        "model_path": setup.model_path,
-        "has_eval": has_eval,
-        "threads_per_worker": max(1, math.floor(s.cpus_per_worker)),
-        "mlflow": {"tracking": tracker.cfg.model_dump(), "run_id": tracker.run_id} if tracker else None,
-        "fault_injection": fault_injection,
-    }
+    worker = WorkerConfig(
+        config=config,
+        model_path=setup.model_path,
+        has_eval=has_eval,
+        threads_per_worker=max(1, math.floor(s.cpus_per_worker)),
+        tracking=tracker.cfg if tracker else None,
+        run_id=tracker.run_id if tracker else None,
+        probes=tuple(probes),
+    )
     return TorchTrainer(
         train_loop,
-        train_loop_config=loop_config,
+        train_loop_config=worker,
         scaling_config=ScalingConfig(
             num_workers=s.num_workers, use_gpu=setup.use_gpu, resources_per_worker={"CPU": s.cpus_per_worker}
         ),
@@ -122,11 +125,26 @@ def build_trainer(
             callbacks=callbacks,
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),  # every worker may read eval
+        dataset_config=ingest_config(),
     )
 
 
-def finetune(config: Config, *, console=None, fault_injection: dict | None = None) -> FinetuneResult:
+def ingest_config():
+    """How Ray Train hands the datasets to the workers: "train" split between them, in the
+    same order on every run; "eval" whole to each (rank 0 reads it).
+
+    Ray Train replaces a dataset's own execution options with these, and without
+    preserve_order its split hands each bundle of blocks to whichever worker needs one as
+    the bundles arrive: a resumed run, skipping the batches its checkpoint counts, would
+    skip other blocks than the ones it had trained on."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(datasets_to_split=["train"], execution_options=options)
+
+
+def finetune(config: Config, *, console=None, probes: tuple = ()) -> FinetuneResult:
     from rich.console import Console
 
     console = console or Console(stderr=True)
@@ -150,7 +168,7 @@ def finetune(config: Config, *, console=None, fault_injection: dict | None = Non
     # ---------------------------------------------------------------- fit
     trainer = build_trainer(
         config, setup, run_name=run_name, datasets=datasets, has_eval=has_eval, tracker=tracker,
-        fault_injection=fault_injection,
+        probes=probes,
     )
     console.print(
         f"[bold]longtune finetune[/] run [cyan]{run_name}[/]: {config.model.name_or_path} -> "

@@ -1,0 +1,72 @@
+"""Probes: objects a run hands to every worker's loop, called after each optimizer step.
+
+They watch or disturb a run from outside the loop body, so tests (and people debugging a
+cluster run) can see which blocks each rank trained on, or kill a worker at a chosen step,
+without a branch for it in the loop. A probe must pickle (Ray ships it to the workers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+
+class StepProbe(Protocol):
+    def after_step(self, rank: int, step: int, micro_batches: list[dict[str, torch.Tensor]]) -> None:
+        """Called on every rank after optimizer step ``step`` (counted from 1), with the
+        micro-batches that step trained on."""
+
+
+def block_digest(input_ids: torch.Tensor) -> str:
+    """A short stable id of one block's tokens."""
+    return hashlib.sha1(input_ids.to("cpu", torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class RecordBlocks:
+    """Append, per rank, one JSON line per step to ``<directory>/rank<r>.jsonl``:
+    ``{"step": s, "blocks": [digest, ...]}`` in the order the blocks were trained on. A
+    restarted worker appends: the last line of a step is the one its run kept."""
+
+    directory: str
+
+    def after_step(self, rank: int, step: int, micro_batches: list[dict[str, torch.Tensor]]) -> None:
+        blocks = [block_digest(row) for batch in micro_batches for row in batch["input_ids"]]
+        path = Path(self.directory) / f"rank{rank}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(json.dumps({"step": step, "blocks": blocks}) + "\n")
+
+
+@dataclass(frozen=True)
+class KillOnce:
+    """Kill the worker of ``rank`` right after step ``step``, on the first attempt only (the
+    ``marker`` file records it): what a lost node or a hardware fault does to a run."""
+
+    step: int
+    marker: str
+    rank: int = 0
+
+    def after_step(self, rank: int, step: int, micro_batches: list[dict[str, torch.Tensor]]) -> None:
+        marker = Path(self.marker)
+        if rank == self.rank and step == self.step and not marker.exists():
+            marker.write_text(str(step))
+            os._exit(1)
+
+
+def read_records(directory: str | os.PathLike[str]) -> dict[int, dict[int, list[str]]]:
+    """``RecordBlocks``' files as {rank: {step: blocks}}, the last record of each step winning."""
+    out: dict[int, dict[int, list[str]]] = {}
+    for path in sorted(Path(directory).glob("rank*.jsonl")):
+        rank = int(path.stem.removeprefix("rank"))
+        steps = out.setdefault(rank, {})
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            steps[record["step"]] = record["blocks"]
+    return out

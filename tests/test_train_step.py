@@ -1,0 +1,106 @@
+"""One optimizer step (train/loop.py, train/loss.py): the loss is weighted by target tokens
+over micro-batches and ranks, checked with real gloo process groups."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from longtune.config import load_config
+
+SEQ = 128
+
+
+def step_config(model_dir: str, *extra: str):
+    return load_config(None, [
+        f"model.name_or_path={model_dir}", f"model.target_context={SEQ}", "attention.type=s2",
+        "train.max_grad_norm=null", "train.precision=fp32", *extra,
+    ])
+
+
+def blocks() -> list[dict[str, torch.Tensor]]:
+    """Two packed blocks: three documents in the first; the second ends in 70 padded tokens."""
+    g = torch.Generator().manual_seed(1)
+    first = {"input_ids": torch.randint(0, 300, (SEQ,), generator=g),
+             "position_ids": torch.cat([torch.arange(40), torch.arange(50), torch.arange(38)])}
+    second = {"input_ids": torch.randint(0, 300, (SEQ,), generator=g), "position_ids": torch.arange(SEQ),
+              "loss_mask": (torch.arange(SEQ) < SEQ - 70).long()}
+    first["loss_mask"] = torch.ones(SEQ, dtype=torch.long)
+    return [first, second]
+
+
+def sgd_step(model, micro_batches, config):
+    """optimizer_step with plain SGD at lr 1: each trainable's change is minus its gradient."""
+    from longtune.train.loop import optimizer_step
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    inner = getattr(model, "module", model)
+    before = {n: p.detach().clone() for n, p in inner.named_parameters() if p.requires_grad}
+    loss = optimizer_step(model, micro_batches, params, optimizer, scheduler, config, torch.autocast("cpu", enabled=False))
+    grads = {n: before[n] - p.detach() for n, p in inner.named_parameters() if p.requires_grad}
+    return loss, grads
+
+
+def _rank_main(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
+    from longtune.distributed import all_reduce_sum
+    from longtune.train.loop import build_model
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    config = step_config(model_dir, "train.batch_size_per_worker=1")
+    model = build_model(config, model_dir, torch.device("cpu"))
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    block = {k: v[None] for k, v in blocks()[rank].items()}
+    loss, grads = sgd_step(ddp, [block], config)
+    loss_sum, tokens = all_reduce_sum([loss.loss_sum, loss.tokens], "cpu")
+    if rank == 0:
+        torch.save({"loss": loss_sum / tokens, "grads": grads}, out)
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, tiny_model_dir):
+    """Loss and gradient of one step on 2 gloo ranks, one block each."""
+    out = tmp_path_factory.mktemp("ranks") / "ranks.pt"
+    mp.spawn(_rank_main, args=(2, _free_port(), tiny_model_dir, str(out)), nprocs=2, join=True)
+    return torch.load(out, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("one_rank", ["batch", "accumulation"])
+def test_two_ranks_one_block_each_equal_one_rank_two_blocks(two_ranks, tiny_model_dir, one_rank):
+    """2 workers x 1 block per step = 1 worker x 2 blocks per step (as one batch or as two
+    accumulated micro-batches), on the same blocks, a padded one among them: the same loss
+    and the same gradient. A mean of per-block (or per-rank) means fails this."""
+    from longtune.train.loop import build_model
+
+    torch.manual_seed(0)
+    if one_rank == "batch":
+        config = step_config(tiny_model_dir, "train.batch_size_per_worker=2")
+        micro = [{k: torch.stack([b[k] for b in blocks()]) for k in blocks()[0]}]
+    else:
+        config = step_config(tiny_model_dir, "train.batch_size_per_worker=1", "train.grad_accum_steps=2")
+        micro = [{k: v[None] for k, v in b.items()} for b in blocks()]
+    model = build_model(config, tiny_model_dir, torch.device("cpu"))
+    loss, grads = sgd_step(model, micro, config)
+
+    assert loss.tokens == (40 - 1) + (50 - 1) + (38 - 1) + (SEQ - 70 - 1)  # document starts and padding excluded
+    assert loss.mean == pytest.approx(two_ranks["loss"], abs=1e-5)
+    assert grads.keys() == two_ranks["grads"].keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, two_ranks["grads"][name], atol=1e-5, rtol=1e-4, msg=name)
+    assert any(g.abs().max() > 0 for g in grads.values())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import random
+import sys
+import types
 
 import pytest
 import torch
@@ -63,16 +65,21 @@ def _packed_positions(b, n, seed=0):
     return torch.tensor(rows)
 
 
-def _check(b, h, hkv, n, g, shift, pad, packed, window=None, seed=0):
+def _check(b, h, hkv, n, g, shift, pad, packed, window=None, seed=0, softcap=None, scale=4.0):
     q, k, v = _inputs(b, h, hkv, n, seed=seed)
+    if softcap is not None:  # logits well beyond the cap, so capping changes the result
+        q = (q.detach() * scale).requires_grad_()
     am = _padding(b, n, pad, seed)
     pos = _packed_positions(b, n, seed) if packed else None
     out, none = s2_attention(
-        q, k, v, group_size=g, shift=shift, attention_mask=am, position_ids=pos, sliding_window=window
+        q, k, v, group_size=g, shift=shift, attention_mask=am, position_ids=pos, sliding_window=window,
+        softcap=softcap,
     )
     assert none is None and out.shape == (b, n, h, q.shape[-1])
     mask = s2_reference_mask(b, h, n, g, shift, am, pos, sliding_window=window)
-    ref = reference_attention(q, k, v, mask)
+    ref = reference_attention(q, k, v, mask, softcap=softcap)
+    if softcap is not None:
+        assert not torch.allclose(ref, reference_attention(q, k, v, mask), atol=1e-2)
     torch.testing.assert_close(out, ref, **TOL)
     grad = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), grad)
@@ -202,6 +209,7 @@ def test_fp64_agreement_is_exact():
         (dict(group_size=8, n=32, heads=1), "at least 2 heads"),
         (dict(group_size=8, n=32, backend="magic"), "backend must be"),
         (dict(group_size=8, n=32, backend="flash"), "flash-attn"),
+        (dict(group_size=8, n=32, backend="varlen"), "varlen_attn"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, message):
@@ -259,3 +267,384 @@ def test_autocast_with_mixed_input_dtypes_matches_sdpa_behaviour():
     torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
     out.float().sum().backward()
     assert q.grad.dtype == torch.float32 and torch.isfinite(q.grad).all()
+
+
+# ---------------------------------------------------------------- softcap (Gemma 2)
+
+
+@pytest.mark.parametrize(
+    "b,heads,n,g,shift,pad,packed,window",
+    [
+        (2, (4, 2), 48, 16, "split", "right", True, None),
+        (3, (4, 4), 64, 16, "roll", "left", False, None),
+        (2, (6, 3), 40, 8, "split", None, True, 5),
+        (1, (4, 1), 16, 16, "split", "right", False, None),  # one group
+    ],
+)
+def test_softcap_matches_capped_reference(b, heads, n, g, shift, pad, packed, window):
+    _check(b, heads[0], heads[1], n, g, shift, pad, packed, window=window, softcap=1.5)
+
+
+def test_softcap_blocks_cover_rows_and_queries(monkeypatch):
+    """Blocks smaller than one group's scores: the forward and the recomputing backward
+    cut queries (and rows) into pieces, and the result must not move."""
+    import longtune.attention.softcap as sc
+
+    monkeypatch.setattr(sc, "BLOCK_ELEMENTS", 200)  # 4 heads x 5 queries x 10 keys
+    _check(2, 4, 2, 40, 10, "split", "right", True, softcap=2.0)
+    monkeypatch.setattr(sc, "BLOCK_ELEMENTS", 4 * 10 * 10 * 3)  # three whole groups per block
+    _check(2, 4, 2, 40, 10, "split", None, False, softcap=2.0)
+
+
+def test_full_attention_softcap_padding_documents_window():
+    b, h, n = 3, 4, 40
+    q, k, v = _inputs(b, h, 2, n)
+    q = (q.detach() * 4).requires_grad_()
+    am, pos = _padding(b, n, "right"), _packed_positions(b, n)
+    for window in (None, 6):
+        out, _ = full_attention(q, k, v, attention_mask=am, position_ids=pos, sliding_window=window, softcap=1.0)
+        ref = reference_attention(q, k, v, s2_reference_mask(b, h, n, n, "split", am, pos, window), softcap=1.0)
+        torch.testing.assert_close(out, ref, **TOL)
+        grad = torch.randn_like(out)
+        for a, e in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+            torch.testing.assert_close(a, e, **TOL)
+
+
+def test_softcap_with_kv_cache_and_dropout():
+    b, h, n, new = 2, 4, 20, 3
+    q, k, v = _inputs(b, h, 2, n)
+    full, _ = full_attention(q * 4, k, v, softcap=1.0)
+    last, _ = full_attention(q[:, :, -new:] * 4, k, v, softcap=1.0)
+    torch.testing.assert_close(last, full[:, -new:], **TOL)
+    a, _ = s2_attention(q * 4, k, v, group_size=8, softcap=1.0, dropout=0.5)
+    a.sum().backward()
+    assert torch.isfinite(q.grad).all()
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("inf"), "50", True])
+def test_bad_softcap_is_named(bad):
+    q, k, v = _inputs(1, 4, 4, 16)
+    with pytest.raises(ValueError, match="softcap"):
+        s2_attention(q, k, v, group_size=8, softcap=bad)
+
+
+# ---------------------------------------------------------------- masks: once per forward, only where needed
+
+
+def _largest_bool(fn) -> int:
+    """The most elements of any bool tensor an op produced while ``fn`` ran."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Watch(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.bool:
+                    Watch.largest = max(Watch.largest, t.numel())
+            return out
+
+    with Watch():
+        fn()
+    return Watch.largest
+
+
+def test_full_attention_of_packed_rows_builds_no_n_by_n_mask():
+    b, h, n = 2, 2, 512
+    q, k, v = _inputs(b, h, h, n)
+    pos = torch.cat([torch.arange(200), torch.arange(312)])[None].expand(b, -1)
+    am = torch.ones(b, n, dtype=torch.long)
+    am[1, 480:] = 0
+    for window in (None, 64):
+        out = []
+
+        def run(window=window, out=out):
+            out.append(full_attention(q, k, v, attention_mask=am, position_ids=pos, sliding_window=window)[0])
+            out[0].sum().backward()
+
+        assert _largest_bool(run) < n * n // 4
+        ref = reference_attention(q, k, v, s2_reference_mask(b, h, n, n, "split", am, pos, window))
+        torch.testing.assert_close(out[0], ref, **TOL)
+
+
+def test_s2_masks_only_the_groups_with_a_document_start():
+    b, h, n, g = 1, 4, 256, 64
+    q, k, v = _inputs(b, h, h, n)
+    pos = torch.cat([torch.arange(100), torch.arange(156)])[None]  # one start, inside one group per piece
+    largest = _largest_bool(lambda: s2_attention(q, k, v, group_size=g, position_ids=pos)[0].sum().backward())
+    assert largest <= g * g  # a dense mask for every group would be 3-4x that
+    ref = reference_attention(q, k, v, s2_reference_mask(b, h, n, g, "split", None, pos))
+    torch.testing.assert_close(s2_attention(q, k, v, group_size=g, position_ids=pos)[0], ref, **TOL)
+
+
+def test_masks_are_built_once_for_every_layer_of_a_forward(monkeypatch):
+    import longtune.attention.masks as masks
+    import longtune.attention.s2 as s2
+
+    masks.clear_forward_cache()
+    calls = []
+    real = s2.group_mask
+    monkeypatch.setattr(s2, "group_mask", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v = _inputs(2, 4, 2, 64)
+    pos = _packed_positions(2, 64)
+    am = _padding(2, 64, "right")
+    first, _ = s2_attention(q, k, v, group_size=16, attention_mask=am, position_ids=pos)
+    per_layer = len(calls)
+    assert per_layer > 0 and masks.cached_entries() == 1
+    for _ in range(3):  # three more "layers" of the same forward: same position_ids object
+        again, _ = s2_attention(q, k, v, group_size=16, attention_mask=am, position_ids=pos)
+    assert len(calls) == per_layer
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+
+
+def test_cache_never_serves_stale_masks():
+    import gc
+
+    import longtune.attention.masks as masks
+
+    q, k, v = _inputs(2, 4, 4, 48)
+    pos = _packed_positions(2, 48, seed=1)
+    s2_attention(q, k, v, group_size=16, position_ids=pos)
+    pos[:, 20:] = torch.arange(28)  # in place: a different packing, same object
+    out, _ = s2_attention(q, k, v, group_size=16, position_ids=pos)
+    ref = reference_attention(q, k, v, s2_reference_mask(2, 4, 48, 16, "split", None, pos))
+    torch.testing.assert_close(out, ref, **TOL)
+    masks.clear_forward_cache()
+    for seed in range(4):  # fresh tensors (ids may be reused once the old ones are freed)
+        pos = _packed_positions(2, 48, seed=seed)
+        out, _ = s2_attention(q, k, v, group_size=16, position_ids=pos)
+        ref = reference_attention(q, k, v, s2_reference_mask(2, 4, 48, 16, "split", None, pos))
+        torch.testing.assert_close(out, ref, **TOL)
+        del pos
+        gc.collect()
+        assert masks.cached_entries() == 0  # freed with its position_ids
+
+
+def test_full_attention_of_documents_in_inference_mode():
+    q, k, v = (x.detach() for x in _inputs(2, 4, 2, 40))
+    pos, am = _packed_positions(2, 40), _padding(2, 40, "right")
+    with torch.inference_mode():
+        pos_i, am_i = pos.clone(), am.clone()  # inference tensors: no version counter
+        out, _ = full_attention(q, k, v, attention_mask=am_i, position_ids=pos_i)
+        again, _ = full_attention(q, k, v, attention_mask=am_i, position_ids=pos_i)
+    ref = reference_attention(q, k, v, s2_reference_mask(2, 4, 40, 40, "split", am, pos))
+    torch.testing.assert_close(out, ref, **TOL)
+    torch.testing.assert_close(again, out, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- backend choice
+
+
+class _FakeCuda:
+    """Enough of a CUDA query tensor for the backend choice (no GPU here)."""
+
+    is_cuda = True
+    device = torch.device("cuda", 0)
+
+    def __init__(self, dtype=torch.bfloat16, head_dim=64):
+        self.dtype, self.shape = dtype, (1, 8, 128, head_dim)
+
+
+@pytest.fixture
+def backends(monkeypatch):
+    import longtune.attention.backends as bk
+
+    bk.reset_probes()
+    monkeypatch.setattr(bk, "_capability", lambda index: (9, 0))
+    yield bk
+    monkeypatch.undo()
+    bk.reset_probes()
+
+
+def _fake_torch_varlen(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                       window_size=(-1, -1), enable_gqa=False):
+    """torch 2.13's varlen_attn contract on the CPU: [T, H, D] tokens cut by cu_seqlens."""
+    if q.shape[1] != k.shape[1] and not enable_gqa:
+        raise ValueError("Expect query and key/value to have the same number of heads")
+    assert window_size[1] == 0, "S2 and full attention are causal"
+    return _emulate(q, k, v, cu_seq_q, scale, window_size[0])
+
+
+def _fake_torch_varlen_2_10(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+    """An older spelling: is_causal, no scale, no window, no GQA."""
+    if q.shape[1] != k.shape[1]:
+        raise RuntimeError("heads differ")
+    assert is_causal
+    return _emulate(q, k, v, cu_seq_q, None, -1)
+
+
+def _emulate(q, k, v, cu, scale, left):
+    out = torch.zeros_like(q)
+    n_rep = q.shape[1] // k.shape[1]
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        qs, ks, vs = (x[s:e].transpose(0, 1) for x in (q, k, v))
+        ks, vs = ks.repeat_interleave(n_rep, 0), vs.repeat_interleave(n_rep, 0)
+        n = e - s
+        mask = torch.ones(n, n, dtype=torch.bool).tril()
+        if left >= 0:
+            mask &= ~torch.ones(n, n, dtype=torch.bool).tril(-left - 1)
+        o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
+        out = out.index_copy(0, torch.arange(s, e), o.transpose(0, 1))  # out of place: autograd
+    return out
+
+
+def test_auto_needs_flash_attn_to_import_not_just_to_be_found(backends, monkeypatch, caplog):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real_find_spec(name, *a))
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # importing it raises ImportError
+    monkeypatch.setattr(backends, "torch_varlen_probe", lambda: (_fake_torch_varlen, None))
+    with caplog.at_level("WARNING", logger="longtune.attention"):
+        picks = [backends.pick_backend("auto", _FakeCuda()) for _ in range(6)]  # six "layers"
+    assert picks == ["varlen"] * 6
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "does not import" in said[0] and "varlen_attn" in said[0], said
+    with pytest.raises(RuntimeError, match="backend='flash' cannot run: flash-attn is installed but does not import"):
+        backends.pick_backend("flash", _FakeCuda())
+
+
+def test_auto_checks_the_gpu_and_dtype(backends, monkeypatch, caplog):
+    monkeypatch.setattr(backends, "flash_attn_probe", lambda: (_emulated_flash_varlen, None))
+    monkeypatch.setattr(backends, "torch_varlen_probe", lambda: (_fake_torch_varlen, None))
+    assert backends.pick_backend("auto", _FakeCuda()) == "flash"
+    assert backends.pick_backend("auto", _FakeCuda(torch.float32)) == "sdpa"
+    assert "fp16 or bf16" in caplog.records[-1].getMessage()
+    monkeypatch.setattr(backends, "_capability", lambda index: (7, 5))  # a T4
+    with caplog.at_level("WARNING", logger="longtune.attention"):
+        assert backends.pick_backend("auto", _FakeCuda()) == "sdpa"
+    assert "compute capability >= 8.0" in caplog.records[-1].getMessage()
+    with pytest.raises(RuntimeError, match="compute capability"):
+        backends.pick_backend("varlen", _FakeCuda())
+    # on the CPU, auto is SDPA without a word; an explicit GPU backend is an error
+    q = torch.zeros(1, 2, 4, 8)
+    assert backends.pick_backend("auto", q) == "sdpa"
+    with pytest.raises(RuntimeError, match="backend='varlen' cannot run: torch varlen_attn needs a CUDA tensor"):
+        backends.pick_backend("varlen", q)
+
+
+def test_varlen_features_are_detected_and_softcap_falls_back(backends, monkeypatch, caplog):
+    monkeypatch.setattr(backends, "flash_attn_probe", lambda: (None, "flash-attn is not installed"))
+    monkeypatch.setattr(backends, "torch_varlen_probe", lambda: (_fake_torch_varlen_2_10, None))
+    assert backends.pick_backend("auto", _FakeCuda()) == "varlen"
+    with caplog.at_level("WARNING", logger="longtune.attention"):
+        assert backends.pick_backend("auto", _FakeCuda(), window=16) == "sdpa"  # no window_size here
+        assert backends.pick_backend("varlen", _FakeCuda(), softcap=50.0) == "sdpa"
+        assert backends.pick_backend("varlen", _FakeCuda(), softcap=50.0) == "sdpa"
+    said = [r.getMessage() for r in caplog.records]
+    assert any("window_size" in m for m in said) and sum("softcap" in m for m in said) == 1, said
+    assert backends.pick_backend("auto", _FakeCuda(), needs_masks=False) == "sdpa"  # plain causal groups
+    report = backends.backend_report("cpu")
+    assert report["sdpa"] == "usable" and "CUDA" in report["varlen"]
+
+
+@pytest.mark.parametrize("fake", [_fake_torch_varlen, _fake_torch_varlen_2_10])
+@pytest.mark.parametrize("mode", ["split", "roll", "full"])
+def test_torch_varlen_plumbing_with_emulated_kernel(backends, monkeypatch, fake, mode):
+    """cu_seqlens, ordering, GQA, scale and scatter of the torch varlen backend, on the CPU,
+    through s2_attention/full_attention with backend='varlen' (outputs and gradients)."""
+    monkeypatch.setattr(backends, "torch_varlen_probe", lambda: (fake, None))
+    monkeypatch.setattr(backends, "gpu_reason", lambda query, what: None)
+    b, h, hkv, n, g = 3, 8, 2, 64, 16
+    q, k, v = _inputs(b, h, hkv, n, seed=5)
+    am = torch.ones(b, n, dtype=torch.long)
+    am[1, 50:] = 0
+    am[2, :7] = 0
+    pos = torch.cat([torch.arange(30), torch.arange(34)])[None].expand(b, -1)
+    window = 5 if fake is _fake_torch_varlen else None
+    kw = dict(attention_mask=am, position_ids=pos, scaling=0.2, sliding_window=window, backend="varlen")
+    if mode == "full":
+        out, _ = full_attention(q, k, v, **kw)
+        mask = s2_reference_mask(b, h, n, n, "split", am, pos, window)
+    else:
+        out, _ = s2_attention(q, k, v, group_size=g, shift=mode, **kw)
+        mask = s2_reference_mask(b, h, n, g, mode, am, pos, window)
+    ref = reference_attention(q, k, v, mask, scaling=0.2)
+    real = am.bool()
+    torch.testing.assert_close(out[real], ref[real], **TOL)
+    assert (out[~real] == 0).all()
+    grad = torch.randn_like(out) * real[:, :, None, None]
+    for a, e in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(a, e, **TOL)
+
+
+def _emulated_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None,
+                           causal=False, window_size=(-1, -1), softcap=0.0):
+    """flash_attn_varlen_func's contract on the CPU, softcap included."""
+    assert causal
+    if not softcap:
+        return _emulate(q, k, v, cu_q, softmax_scale, window_size[0])
+    out = torch.zeros_like(q)
+    n_rep = q.shape[1] // k.shape[1]
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    for s, e in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        qs, ks, vs = (x[s:e].transpose(0, 1) for x in (q, k, v))
+        ks, vs = ks.repeat_interleave(n_rep, 0), vs.repeat_interleave(n_rep, 0)
+        m = e - s
+        allowed = torch.ones(m, m, dtype=torch.bool).tril()
+        if window_size[0] >= 0:
+            allowed &= ~torch.ones(m, m, dtype=torch.bool).tril(-window_size[0] - 1)
+        scores = torch.tanh(qs @ ks.transpose(-1, -2) * scale / softcap) * softcap
+        o = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ vs
+        out = out.index_copy(0, torch.arange(s, e), o.transpose(0, 1))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["split", "full"])
+def test_flash_backend_softcap_plumbing_with_emulated_kernel(backends, monkeypatch, mode):
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=_emulated_flash_varlen))
+    monkeypatch.setattr(backends, "flash_attn_probe", lambda: (_emulated_flash_varlen, None))
+    monkeypatch.setattr(backends, "gpu_reason", lambda query, what: None)
+    b, h, n, g = 2, 4, 48, 16
+    q, k, v = _inputs(b, h, 2, n, seed=2)
+    q = (q.detach() * 4).requires_grad_()
+    am = _padding(b, n, "right", seed=3)
+    pos = _packed_positions(b, n, seed=3)
+    kw = dict(attention_mask=am, position_ids=pos, softcap=1.0, sliding_window=6, backend="flash")
+    if mode == "full":
+        out, _ = full_attention(q, k, v, **kw)
+        mask = s2_reference_mask(b, h, n, n, "split", am, pos, 6)
+    else:
+        out, _ = s2_attention(q, k, v, group_size=g, **kw)
+        mask = s2_reference_mask(b, h, n, g, "split", am, pos, 6)
+    ref = reference_attention(q, k, v, mask, softcap=1.0)
+    real = am.bool()
+    torch.testing.assert_close(out[real], ref[real], **TOL)
+
+
+# ---------------------------------------------------------------- every backend on a GPU
+
+
+def _cuda_backends():
+    if not torch.cuda.is_available():
+        return []
+    from longtune.attention import backend_report
+
+    return [name for name, state in backend_report("cuda").items() if state == "usable"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("shift", ["split", "roll"])
+@pytest.mark.parametrize("softcap", [None, 20.0])
+def test_every_cuda_backend_matches_the_reference(shift, softcap):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    b, h, hkv, n, g, d = 2, 8, 2, 512, 128, 64
+    mk = lambda heads: torch.randn(b, heads, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)  # noqa: E731
+    q, k, v = mk(h) * 3, mk(hkv), mk(hkv)
+    am = torch.ones(b, n, device="cuda", dtype=torch.long)
+    am[1, 450:] = 0
+    pos = torch.cat([torch.arange(200), torch.arange(312)]).cuda()[None].expand(b, -1)
+    for window in (None, 48):
+        s2_ref = reference_attention(q.float(), k.float(), v.float(),
+                                     s2_reference_mask(b, h, n, g, shift, am, pos, window), softcap=softcap)
+        full_ref = reference_attention(q.float(), k.float(), v.float(),
+                                       s2_reference_mask(b, h, n, n, "split", am, pos, window), softcap=softcap)
+        real = am.bool()
+        for backend in _cuda_backends():
+            kw = dict(attention_mask=am, position_ids=pos, sliding_window=window, softcap=softcap, backend=backend)
+            s2, _ = s2_attention(q, k, v, group_size=g, shift=shift, **kw)
+            full, _ = full_attention(q, k, v, **kw)
+            torch.testing.assert_close(s2[real].float(), s2_ref[real], atol=2e-2, rtol=2e-2, msg=backend)
+            torch.testing.assert_close(full[real].float(), full_ref[real], atol=2e-2, rtol=2e-2, msg=backend)

@@ -9,12 +9,18 @@ import pytest
 import torch
 from transformers import (
     AttentionInterface,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
@@ -56,7 +62,7 @@ def _reference_interface(module, query, key, value, attention_mask, scaling=None
         resolve_group_size(n, settings.group_size, settings.group_size_ratio), settings.shift,
         attention_mask, kwargs.get("position_ids"), kwargs.get("sliding_window"),
     )
-    return reference_attention(query, key, value, mask, scaling), None
+    return reference_attention(query, key, value, mask, scaling, softcap=kwargs.get("softcap")), None
 
 
 def s2_settings_of(module):
@@ -228,7 +234,7 @@ def _emulated_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, sof
 def test_flash_backend_plumbing_with_emulated_kernel(monkeypatch, shift, heads):
     """The cu_seqlens, ordering and scatter logic, checked on the CPU against the reference."""
     from longtune.attention.flash import flash_s2_attention
-    from longtune.attention.s2 import document_ids, key_padding
+    from longtune.attention.masks import document_ids, key_padding
 
     monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=_emulated_flash_varlen))
     b, (h, hkv), n, g = 3, heads, 64, 16
@@ -264,3 +270,198 @@ def test_flash_backend_on_cuda_matches_sdpa(shift):
     sdpa, _ = s2_attention(q, k, v, group_size=256, shift=shift, attention_mask=am, backend="sdpa")
     real = am.bool()
     torch.testing.assert_close(flash[real].float(), sdpa[real].float(), atol=2e-2, rtol=2e-2)
+
+
+# ---------------------------------------------------------------- Gemma 2/3, Qwen3, Mistral: softcap, sliding layers
+
+# Each with sliding-window layers (window 16) beside full ones; Gemma 2 caps its logits.
+FAMILIES = {
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM, dict(
+        head_dim=16, sliding_window=16, attn_logit_softcapping=1.0, query_pre_attn_scalar=4)),
+    "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM, dict(
+        head_dim=16, sliding_window=16, query_pre_attn_scalar=16, layer_types=["sliding_attention", "full_attention"])),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(
+        head_dim=16, use_sliding_window=True, sliding_window=16, max_window_layers=1)),
+    "mistral": (MistralConfig, MistralForCausalLM, dict(sliding_window=16)),
+}
+
+
+def tiny_family(arch: str, **overrides) -> torch.nn.Module:
+    config_cls, model_cls, extra = FAMILIES[arch]
+    kwargs = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **extra,
+    )
+    kwargs.update(overrides)
+    torch.manual_seed(0)
+    model = model_cls(config_cls(**kwargs))
+    with torch.no_grad():  # logits large enough that a cap of 1.0 changes them
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(8.0)
+    return model
+
+
+def _packed(n=64, b=2):
+    return torch.cat([torch.arange(25), torch.arange(30), torch.arange(n - 55)])[None].expand(b, -1)
+
+
+def _own_attention(arch):
+    return "eager" if arch == "gemma2" else "sdpa"  # stock sdpa cannot softcap
+
+
+def test_gemma2_softcap_changes_its_own_attention():
+    """The cap the next tests honour is not a no-op at these scales."""
+    model = tiny_family("gemma2", attn_implementation="eager").eval()
+    ids, _ = _batch()
+    capped = model(ids).logits
+    for m in model.modules():
+        if hasattr(m, "attn_logit_softcapping"):
+            m.attn_logit_softcapping = None
+    assert (model(ids).logits - capped).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+@pytest.mark.parametrize("rows", ["packed", "right-padded"])
+def test_eval_equals_the_models_own_attention(arch, rows):
+    model = tiny_family(arch, attn_implementation=_own_attention(arch)).eval()
+    ids, mask = _batch(n=64)
+    if rows == "packed":  # stock models see packing only without a mask and a cache
+        kwargs, real = dict(position_ids=_packed(), use_cache=False), torch.ones_like(mask, dtype=torch.bool)
+    else:
+        kwargs, real = dict(attention_mask=mask), mask.bool()
+    want = model(ids, **kwargs).logits
+    use_s2_attention(model)
+    got = model(ids, **kwargs).logits
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+@pytest.mark.parametrize("shift", ["split", "roll"])
+def test_training_equals_dense_reference_with_softcap_and_windows(arch, shift):
+    model = tiny_family(arch)
+    use_s2_attention(model, 0.25, shift)  # 128 tokens: groups of 32, wider than the window
+    model.train()
+    ids, mask = _batch(n=128)
+    pos = torch.cat([torch.arange(70), torch.arange(58)])[None].expand(2, -1)
+    got = model(ids, attention_mask=mask, position_ids=pos).logits
+    model.set_attn_implementation("longtune_reference")
+    want = model(ids, attention_mask=mask, position_ids=pos).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
+
+
+def test_bidirectional_attention_is_refused():
+    model = tiny_family("gemma3", use_bidirectional_attention=True)
+    use_s2_attention(model)
+    with pytest.raises(ValueError, match="bidirectional"):
+        model(torch.randint(0, VOCAB, (1, 16)))
+
+
+# ---------------------------------------------------------------- per-forward masks inside a model
+
+
+def test_masks_built_once_per_forward_and_released_after(monkeypatch):
+    import longtune.attention.masks as masks
+    import longtune.attention.s2 as s2
+
+    calls = []
+    real = s2.group_mask
+    monkeypatch.setattr(s2, "group_mask", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    ids, mask = _batch(n=64)
+    pos = _packed()
+    one = tiny("llama", num_hidden_layers=1)
+    use_s2_attention(one)
+    one.train()
+    one(ids, attention_mask=mask, position_ids=pos)
+    per_forward = len(calls)
+    calls.clear()
+    four = tiny("llama", num_hidden_layers=4)
+    use_s2_attention(four)
+    four.train()
+    four(ids, attention_mask=mask, position_ids=pos).logits.sum().backward()
+    assert per_forward > 0 and len(calls) == per_forward  # not four times as many
+    assert masks.cached_entries() == 0  # released when the forward ended; pos is still alive
+
+
+def test_gradient_checkpointing_recompute_with_packed_rows():
+    """The recompute reuses (or rebuilds) the forward's masks: gradients as without it."""
+    ids, mask = _batch(n=64)
+    pos = _packed()
+    grads = []
+    for checkpointing in (None, False, True):  # off, non-reentrant, reentrant
+        model = tiny("qwen2", num_hidden_layers=3)
+        if checkpointing is not None:
+            model.activation_checkpointing_enable({"use_reentrant": checkpointing})
+        use_s2_attention(model)
+        model.train()
+        labels = ids.masked_fill(mask == 0, -100)
+        model(ids, attention_mask=mask, position_ids=pos, labels=labels).loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_eval_of_long_packed_rows_builds_no_n_by_n_mask():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestBool(TorchDispatchMode):
+        seen = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.bool:
+                    LargestBool.seen = max(LargestBool.seen, t.numel())
+            return out
+
+    n = 256
+    model = tiny("llama")
+    use_s2_attention(model)
+    model.eval()
+    ids = torch.randint(0, VOCAB, (1, n))
+    pos = torch.cat([torch.arange(100), torch.arange(90), torch.arange(66)])[None]
+    with torch.no_grad(), LargestBool():
+        got = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+    assert LargestBool.seen < n * n // 4
+    use_full_attention(model)
+    with torch.no_grad():
+        want = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- torch varlen backend inside a model (emulated)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma2"])
+def test_varlen_backend_in_a_model_with_emulated_kernel(monkeypatch, caplog, arch):
+    """backend='varlen' end to end on the CPU, training and eval: the kernel is emulated, the
+    plumbing is real.
+    Gemma 2's softcap is beyond torch's kernel: those layers fall back, saying so once."""
+    import longtune.attention.backends as bk
+    from tests.test_attention import _fake_torch_varlen
+
+    bk.reset_probes()
+    monkeypatch.setattr(bk, "torch_varlen_probe", lambda: (_fake_torch_varlen, None))
+    monkeypatch.setattr(bk, "gpu_reason", lambda query, what: None)
+    model = tiny_family(arch)
+    use_s2_attention(model, backend="varlen")
+    ids, mask = _batch(n=128)
+    pos = torch.cat([torch.arange(70), torch.arange(58)])[None].expand(2, -1)
+    real = mask.bool()
+    with caplog.at_level("WARNING", logger="longtune.attention"):
+        for train in (True, False):
+            model.train(train)
+            got = model(ids, attention_mask=mask, position_ids=pos).logits
+            if train:  # the dense S2 reference
+                model.set_attn_implementation("longtune_reference")
+            else:  # full attention on the SDPA backend (stock models ignore packing under a mask)
+                use_s2_attention(model, backend="sdpa")
+            want = model(ids, attention_mask=mask, position_ids=pos).logits
+            use_s2_attention(model, backend="varlen")
+            torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
+    said = [r.getMessage() for r in caplog.records]
+    assert said == (["attention.backend='varlen': torch varlen_attn cannot softcap attention logits; "
+                     "these layers run the exact SDPA/math path instead"] if arch == "gemma2" else [])
+    bk.reset_probes()

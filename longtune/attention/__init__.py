@@ -1,5 +1,6 @@
 """Shifted sparse attention (S2-Attn) for transformers 5 models. Plain torch + transformers."""
 
+from longtune.attention.backends import BACKENDS, backend_report
 from longtune.attention.interface import (
     ATTN_IMPLEMENTATION,
     S2Settings,
@@ -13,7 +14,9 @@ from longtune.attention.s2 import full_attention, resolve_group_size, s2_attenti
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
+    "BACKENDS",
     "S2Settings",
+    "backend_report",
     "full_attention",
     "longtune_s2_attention",
     "reference_attention",

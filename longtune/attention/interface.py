@@ -4,7 +4,13 @@
 the model to it: in training mode it runs S2-Attn; in eval mode, or when keys outnumber
 queries (a KV cache), it runs full causal attention. ``use_full_attention(model)`` switches
 back to the implementation the model had. No monkey-patching: Llama, Mistral, Qwen2/3,
-Gemma, ... all reach it through ``config._attn_implementation``.
+Gemma 2/3, ... all reach it through ``config._attn_implementation``.
+
+What transformers 5 passes to the function, and what is honoured: ``scaling``, ``dropout``,
+``sliding_window`` (per layer: Mistral, Qwen2/3 and Gemma's sliding layers), ``softcap``
+(Gemma 2's ``attn_logit_softcapping``) and ``position_ids`` (packed rows). Attention
+modules with ``is_causal = False`` (bidirectional variants) are refused: S2-Attn and the
+full attention here are causal.
 """
 
 from __future__ import annotations
@@ -15,7 +21,15 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
-from longtune.attention.s2 import Backend, Shift, full_attention, resolve_group_size, s2_attention
+from longtune.attention.backends import check_backend
+from longtune.attention.masks import install_forward_cache_hooks
+from longtune.attention.s2 import (
+    Backend,
+    Shift,
+    full_attention,
+    resolve_group_size,
+    s2_attention,
+)
 
 ATTN_IMPLEMENTATION = "longtune_s2"
 _SETTINGS_ATTR = "_longtune_s2"
@@ -33,8 +47,7 @@ class S2Settings:
         resolve_group_size(1024, self.group_size, self.group_size_ratio)  # validates both
         if self.shift not in ("split", "roll"):
             raise ValueError(f"shift must be 'split' or 'roll', got {self.shift!r}")
-        if self.backend not in ("auto", "sdpa", "flash"):
-            raise ValueError(f"backend must be 'auto', 'sdpa' or 'flash', got {self.backend!r}")
+        check_backend(self.backend)
 
 
 def longtune_s2_attention(
@@ -50,7 +63,13 @@ def longtune_s2_attention(
     """The AttentionInterface function. ``attention_mask`` is the 2-D padding mask (or None):
     the mask function registered beside it passes that through instead of a 4-D mask."""
     settings: S2Settings = getattr(module, _SETTINGS_ATTR, None) or S2Settings()
+    if not getattr(module, "is_causal", True):
+        raise ValueError(
+            f"attn_implementation={ATTN_IMPLEMENTATION!r} is causal, but {type(module).__name__} is "
+            "bidirectional (is_causal=False, e.g. use_bidirectional_attention=True); use the model's own attention"
+        )
     position_ids = kwargs.get("position_ids")
+    softcap = kwargs.get("softcap")
     if module.training and query.shape[2] == key.shape[2]:
         return s2_attention(
             query, key, value,
@@ -62,6 +81,7 @@ def longtune_s2_attention(
             dropout=dropout,
             backend=settings.backend,
             sliding_window=kwargs.get("sliding_window"),
+            softcap=softcap,
         )
     return full_attention(
         query, key, value,
@@ -70,6 +90,8 @@ def longtune_s2_attention(
         scaling=scaling,
         dropout=dropout,
         sliding_window=kwargs.get("sliding_window"),
+        softcap=softcap,
+        backend=settings.backend,
     )
 
 
@@ -88,10 +110,14 @@ def use_s2_attention(
     group_size: int | None = None,
     backend: Backend = "auto",
 ) -> torch.nn.Module:
-    """Train ``model`` with S2-Attn (eval mode keeps full attention). Returns the model."""
+    """Train ``model`` with S2-Attn (eval mode keeps full attention). Returns the model.
+
+    Also hooks ``model``'s forward so that what every layer shares (masks, document ids,
+    cu_seqlens) is built once per forward and released when it ends."""
     settings = S2Settings(group_size_ratio, group_size, shift, backend)
     register()
     config = _config_of(model)
+    install_forward_cache_hooks(model)
     if config._attn_implementation != ATTN_IMPLEMENTATION:
         setattr(model, _PREVIOUS_ATTR, config._attn_implementation or "sdpa")
     for module in model.modules():

@@ -5,9 +5,11 @@ O(N^2) memory: for tests and small inputs only."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
-from longtune.attention.s2 import Shift
+Shift = Literal["split", "roll"]
 
 
 def _document_ids(position_ids: torch.Tensor | None, batch: int, seq: int) -> torch.Tensor:
@@ -55,8 +57,10 @@ def s2_reference_mask(
     docs = _document_ids(position_ids, batch, seq)
     mask &= (docs[:, :, None] == docs[:, None, :])[:, None]
     if attention_mask is not None:
-        mask &= attention_mask.to(torch.bool).cpu()[:, None, None, :]
-    mask |= torch.eye(seq, dtype=torch.bool)  # a query always sees itself
+        real = attention_mask.to(torch.bool).cpu()
+        mask &= real[:, None, None, :]  # no query sees a padded key
+        mask &= real[:, None, :, None]  # a padded query sees nothing else ...
+    mask |= torch.eye(seq, dtype=torch.bool)  # ... and every query sees itself
     return mask
 
 
@@ -66,13 +70,19 @@ def reference_attention(
     value: torch.Tensor,
     mask: torch.Tensor,
     scaling: float | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Softmax attention under a dense [B, H, N, N] mask. Returns [B, N, H, D]."""
+    """Softmax attention under a dense [B, H, N, N] mask. Returns [B, N, H, D].
+
+    ``softcap`` (Gemma 2): logits become ``softcap * tanh(logits / softcap)`` after scaling,
+    before the mask, as the model's own eager attention does."""
     h = query.shape[1]
     n_rep = h // key.shape[1]
     key = key.repeat_interleave(n_rep, dim=1)
     value = value.repeat_interleave(n_rep, dim=1)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     scores = (query @ key.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~mask.to(scores.device), float("-inf"))
     return (scores.softmax(-1) @ value).transpose(1, 2)

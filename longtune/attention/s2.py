@@ -17,9 +17,9 @@ The pattern, for a sequence of N tokens and groups of G tokens (G even):
 Every head additionally obeys the padding mask (no query attends to a padded key) and
 document boundaries (a new document starts wherever ``position_ids[t] !=
 position_ids[t-1] + 1``, the rule transformers uses for packed rows), so no token attends
-across padding or documents. A query whose every key is masked (a padded query) attends to
-itself only, which keeps its output finite: a NaN there would reach the weights through the
-backward pass even though the loss ignores that position.
+across padding or documents. A padded query attends to itself only, which keeps its output
+finite: a NaN there would reach the weights through the backward pass even though the loss
+ignores that position.
 
 Edge cases, decided:
 
@@ -30,24 +30,46 @@ Edge cases, decided:
 * An odd number of heads: the shifted half gets the extra head (``H - H//2`` heads), as
   LongLoRA's ``num_heads // 2`` split does. One head cannot be split: error.
 * GQA/MQA: key/value heads are repeated to the query heads before the split.
-* ``sliding_window`` (Mistral, Qwen2 layers): a query sees at most the last ``window``
-  tokens (itself included), on top of everything above. When groups are no larger than
-  the window, this changes nothing and costs nothing.
+* ``sliding_window`` (Mistral, Qwen2/3, Gemma 2/3 sliding layers): a query sees at most the
+  last ``window`` tokens (itself included), on top of everything above. When groups are no
+  larger than the window, this changes nothing and costs nothing.
+* ``softcap`` (Gemma 2's ``attn_logit_softcapping``): every logit becomes
+  ``softcap * tanh(logit / softcap)`` after scaling, before masking and the softmax. flash-attn
+  caps natively; everywhere else an exact blockwise math path does (``softcap.py``).
 
 Speed: groups are folded into the batch dimension (views, no copy, in the layout transformers
 produces) and each fold is one SDPA call, so torch's fused causal kernel does the work.
+Groups that hold a document start or padding get a mask; all others run the causal kernel
+with none. Masks, document ids and cu_seqlens are built once per forward (``masks.py``) and
+shared by every layer. Backends (SDPA, flash-attn, torch varlen): ``backends.py``.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import itertools
+import math
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from longtune.attention.backends import Backend, check_backend, pick_backend
+from longtune.attention.flash import flash_kernel
+from longtune.attention.masks import (
+    dirty_rows,
+    document_ids,
+    group_mask,
+    key_padding,
+    per_forward,
+    repeat_kv,
+    token_runs,
+)
+from longtune.attention.segments import segment_attention
+from longtune.attention.softcap import softcap_attention
+from longtune.attention.varlen import torch_varlen_kernel, varlen_attention
+
 Shift = Literal["split", "roll"]
-Backend = Literal["auto", "sdpa", "flash"]
+__all__ = ["Backend", "Shift", "full_attention", "resolve_group_size", "s2_attention"]
 
 
 def resolve_group_size(seq_len: int, group_size: int | None = None, ratio: float = 0.25) -> int:
@@ -63,47 +85,26 @@ def resolve_group_size(seq_len: int, group_size: int | None = None, ratio: float
     return max(2, g - g % 2)
 
 
-def document_ids(position_ids: torch.Tensor | None, batch: int, seq: int) -> torch.Tensor | None:
-    """[batch, seq] document index per token, or None when every row is one document.
-
-    A document starts wherever the position does not continue the previous one."""
-    if position_ids is None:
+def check_softcap(softcap) -> float | None:
+    """None (or 0, flash-attn's "off") for no capping, else a positive float."""
+    if softcap is None or softcap == 0:
         return None
-    pos = position_ids.reshape(-1, position_ids.shape[-1]).expand(batch, seq)
-    starts = torch.zeros_like(pos, dtype=torch.bool)
-    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
-    if not bool(starts.any()):
-        return None
-    return starts.cumsum(-1)
-
-
-def key_padding(attention_mask: torch.Tensor | None, batch: int, seq: int) -> torch.Tensor | None:
-    """[batch, seq] bool, True for real tokens; None when nothing is padded."""
-    if attention_mask is None:
-        return None
-    if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, seq):
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap > 0 or math.isinf(softcap):
         raise ValueError(
-            f"attention_mask must be a 2-D padding mask of shape [batch, seq] = {[batch, seq]}, "
-            f"got shape {list(attention_mask.shape)}"
+            f"softcap (a model's attn_logit_softcapping) must be a positive number or None, got {softcap!r}"
         )
-    valid = attention_mask.to(torch.bool)
-    return None if bool(valid.all()) else valid
+    return float(softcap)
 
 
-def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """[B, Hkv, N, D] -> [B, Hkv * n_rep, N, D] (GQA: each kv head serves n_rep query heads)."""
-    if n_rep == 1:
-        return x
-    b, h, n, d = x.shape
-    return x[:, :, None].expand(b, h, n_rep, n, d).reshape(b, h * n_rep, n, d)
+def token_meta(attention_mask, position_ids, batch: int, seq: int, device):
+    """(valid [B, N] bool or None, docs [B, N] or None) on ``device``, once per forward."""
 
+    def build():
+        valid = key_padding(attention_mask, batch, seq)
+        docs = document_ids(position_ids, batch, seq)
+        return (None if valid is None else valid.to(device), None if docs is None else docs.to(device))
 
-def flash_available(query: torch.Tensor) -> bool:
-    return (
-        query.is_cuda
-        and query.dtype in (torch.float16, torch.bfloat16)
-        and importlib.util.find_spec("flash_attn") is not None
-    )
+    return per_forward((position_ids, attention_mask), ("tokens", batch, seq, device), build)
 
 
 # ---------------------------------------------------------------- public entry points
@@ -122,39 +123,47 @@ def s2_attention(
     dropout: float = 0.0,
     backend: Backend = "auto",
     sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, None]:
     """S2-Attn. q: [B, H, N, D], k/v: [B, Hkv, N, D] (after RoPE). Returns ``(out, None)``
     with out: [B, N, H, D], as transformers' attention functions do.
 
     ``attention_mask`` is the 2-D padding mask ([B, N], 1 = real token); ``position_ids``
-    ([B or 1, N]) mark document starts in packed rows."""
-    b, h, n, d = query.shape
+    ([B or 1, N]) mark document starts in packed rows; ``softcap`` caps the logits (Gemma 2).
+    Everything derived from the mask and positions is built once per forward (per
+    ``position_ids``/``attention_mask`` object), not once per layer."""
     _check_shapes(query, key, value)
+    b, h, n, _ = query.shape
     query, key, value = _autocast_inputs(query, key, value)
     if shift not in ("split", "roll"):
         raise ValueError(f"shift must be 'split' or 'roll', got {shift!r}")
     if h < 2:
         raise ValueError(f"S2-Attn shifts half of the heads, so it needs at least 2 heads, got {h}")
+    check_backend(backend)
+    softcap = check_softcap(softcap)
     group_size = resolve_group_size(n, group_size)
     if shift == "roll" and n > group_size and n % group_size:
         raise ValueError(
             f"shift='roll' needs seq_len to be a multiple of group_size, got seq_len={n}, "
             f"group_size={group_size} (shift='split' handles any length)"
         )
-    valid = key_padding(attention_mask, b, n)
-    docs = document_ids(position_ids, b, n)
+    anchors = (position_ids, attention_mask)
+    valid, docs = token_meta(attention_mask, position_ids, b, n, query.device)
     window = _effective_window(sliding_window, min(n, group_size))
-    if _pick_backend(backend, query) == "flash":
-        from longtune.attention.flash import flash_s2_attention
-
-        out = flash_s2_attention(
-            query, key, value, group_size=group_size, shift=shift, valid=valid, docs=docs,
-            scaling=scaling, dropout=dropout, window=window,
+    choice = pick_backend(
+        backend, query, softcap=softcap, dropout=dropout, window=window,
+        needs_masks=valid is not None or docs is not None or window is not None,
+    )
+    if choice != "sdpa":
+        out = varlen_attention(
+            query, key, value, kernel=_KERNELS[choice], group_size=group_size, shift=shift, valid=valid,
+            docs=docs, scaling=scaling, dropout=dropout, window=window, softcap=softcap, anchors=anchors,
         )
         return out, None
     k = repeat_kv(key, h // key.shape[1])
     v = repeat_kv(value, h // value.shape[1])
-    return _s2_sdpa(query, k, v, group_size, shift, valid, docs, scaling, dropout, window), None
+    out = _s2_sdpa(query, k, v, group_size, shift, valid, docs, scaling, dropout, window, softcap, anchors)
+    return out, None
 
 
 def full_attention(
@@ -167,22 +176,47 @@ def full_attention(
     scaling: float | None = None,
     dropout: float = 0.0,
     sliding_window: int | None = None,
+    softcap: float | None = None,
+    backend: Backend = "auto",
 ) -> tuple[torch.Tensor, None]:
-    """Causal attention with the same padding, document and window rules as ``s2_attention``.
+    """Causal attention with the same padding, document, window and softcap rules as
+    ``s2_attention``, and never an N x N mask for packed or padded rows: each document run
+    is its own causal call (SDPA), or its own sequence of a varlen kernel (CUDA).
 
     Keys may be longer than queries (a KV cache): query i sits at position
     ``kv_len - q_len + i``. Returns ``(out [B, N, H, D], None)``."""
     b, h, q_len, _ = query.shape
     kv_len = key.shape[2]
     query, key, value = _autocast_inputs(query, key, value)
+    check_backend(backend)
+    softcap = check_softcap(softcap)
+    if q_len == kv_len:
+        anchors = (position_ids, attention_mask)
+        valid, docs = token_meta(attention_mask, position_ids, b, q_len, query.device)
+        window = _effective_window(sliding_window, q_len)
+        needs_masks = valid is not None or docs is not None or window is not None
+        choice = "sdpa"
+        if needs_masks or softcap is not None:
+            choice = pick_backend(backend, query, softcap=softcap, dropout=dropout, window=window, needs_masks=needs_masks)
+        if choice != "sdpa":
+            out = varlen_attention(
+                query, key, value, kernel=_KERNELS[choice], group_size=None, valid=valid, docs=docs,
+                scaling=scaling, dropout=dropout, window=window, softcap=softcap, anchors=anchors,
+            )
+            return out, None
+        k = repeat_kv(key, h // key.shape[1])
+        v = repeat_kv(value, h // value.shape[1])
+        if not needs_masks:  # one causal group: the fused kernel, no mask
+            return _s2_sdpa(query, k, v, q_len, "split", None, None, scaling, dropout, None, softcap), None
+        runs = per_forward(anchors, ("runs", b, q_len, query.device), lambda: token_runs(valid, docs, b, q_len))
+        out = segment_attention(
+            query, k, v, runs, padded=valid is not None, window=window, scaling=scaling,
+            dropout=dropout, softcap=softcap,
+        )
+        return out, None
+    # Decoding with a cache: causal with an offset, padding from the 2-D mask. q_len is small.
     k = repeat_kv(key, h // key.shape[1])
     v = repeat_kv(value, h // value.shape[1])
-    if q_len == kv_len:
-        valid = key_padding(attention_mask, b, kv_len)
-        docs = document_ids(position_ids, b, q_len)
-        window = _effective_window(sliding_window, q_len)
-        return _s2_sdpa(query, k, v, q_len, "split", valid, docs, scaling, dropout, window), None
-    # Decoding with a cache: causal with an offset, padding from the 2-D mask.
     offset = kv_len - q_len
     ones = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device)
     allowed = ones.tril(offset)
@@ -191,10 +225,14 @@ def full_attention(
     mask = allowed[None, None]
     if attention_mask is not None:
         mask = mask & attention_mask[:, -kv_len:].to(torch.bool)[:, None, None, :]
-    out = F.scaled_dot_product_attention(
-        query, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling
-    )
+    if softcap is not None:
+        out = softcap_attention(query, k, v, mask, scaling=scaling, softcap=softcap, dropout=dropout)
+    else:
+        out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
+
+
+_KERNELS = {"flash": flash_kernel, "varlen": torch_varlen_kernel}
 
 
 # ---------------------------------------------------------------- sdpa implementation
@@ -233,21 +271,6 @@ def _effective_window(sliding_window: int | None, span: int) -> int | None:
     return sliding_window
 
 
-def _pick_backend(backend: Backend, query: torch.Tensor) -> str:
-    if backend == "sdpa":
-        return "sdpa"
-    if backend == "flash":
-        if not flash_available(query):
-            raise RuntimeError(
-                "backend='flash' needs the flash-attn package (pip install 'longtune[gpu]'), "
-                f"a CUDA tensor and fp16/bf16; got device={query.device}, dtype={query.dtype}"
-            )
-        return "flash"
-    if backend == "auto":
-        return "flash" if flash_available(query) else "sdpa"
-    raise ValueError(f"backend must be 'auto', 'sdpa' or 'flash', got {backend!r}")
-
-
 class _Piece:
     """One set of heads attending in one grouping: ``n_groups`` groups of ``g`` tokens
     from ``start``; ``roll`` first rolls the tokens by ``-roll``.
@@ -284,9 +307,6 @@ class _Piece:
             t = t.roll(-self.roll, dims=1)
         return t[:, self.start : self.start + self.n_groups * self.g].reshape(-1, self.g)
 
-    def mask(self, valid, docs, window, device) -> torch.Tensor | None:
-        return _group_mask(self.tokens(docs), self.tokens(valid), self.g, device, window)
-
 
 def _pieces(h: int, m: int, g: int, shift: str) -> list[_Piece]:
     """How the heads of an [B, H, M, D] input split into groupings (M a multiple of g)."""
@@ -306,35 +326,62 @@ def _pieces(h: int, m: int, g: int, shift: str) -> list[_Piece]:
     ]
 
 
-def _group_mask(
-    docs: torch.Tensor | None, valid: torch.Tensor | None, g: int, device, window: int | None = None
-) -> torch.Tensor | None:
-    """[G', 1, g, g] bool mask for grouped tokens (docs/valid: [G', g]); None = plain causal."""
-    if window is not None and window >= g:
-        window = None
-    if docs is None and valid is None and window is None:
-        return None
-    ones = torch.ones(g, g, dtype=torch.bool, device=device)
-    causal = ones.tril() if window is None else ones.tril() & ~ones.tril(-window)
-    if docs is None and valid is None:
-        return causal[None, None]
-    n = (docs if docs is not None else valid).shape[0]
-    mask = causal.expand(n, g, g)
-    if docs is not None:
-        mask = mask & (docs[:, :, None] == docs[:, None, :])
-    if valid is not None:
-        mask = mask & valid[:, None, :]
-    # keep the diagonal: a fully masked row would make SDPA return NaN
-    mask = mask | torch.eye(g, dtype=torch.bool, device=device)
-    return mask[:, None]
+class _Plan:
+    """The pieces of one geometry, each cut into spans of consecutive folded groups that
+    share a kind: groups with a document start or padding carry their mask ([r, 1, g, g]);
+    the others carry the shared causal-window mask ([1, 1, g, g]) or None (plain causal,
+    the fused kernel with no mask). Built once per forward; every layer reuses it."""
+
+    def __init__(self, parts: list[tuple[_Piece, list[tuple[slice, torch.Tensor | None]]]]):
+        self.parts = parts
+        self._additive: dict[torch.dtype, list] = {}
+
+    @classmethod
+    def build(cls, b, h, m, g, shift, valid, docs, window, device) -> "_Plan":
+        shared: dict[int, torch.Tensor | None] = {}
+        parts = []
+        for piece in _pieces(h, m, g, shift):
+            if piece.g not in shared:
+                shared[piece.g] = group_mask(None, None, piece.g, device, window)
+            rows = b * piece.n_groups
+            d_t, v_t = piece.tokens(docs), piece.tokens(valid)  # [rows, g] each, or None
+            if d_t is None and v_t is None:
+                parts.append((piece, [(slice(0, rows), shared[piece.g])]))
+                continue
+            spans, start = [], 0
+            for dirty, run in itertools.groupby(dirty_rows(d_t, v_t)):
+                end = start + len(list(run))
+                if dirty:
+                    cut = slice(start, end)
+                    mask = group_mask(
+                        None if d_t is None else d_t[cut], None if v_t is None else v_t[cut],
+                        piece.g, device, window,
+                    )
+                else:
+                    mask = shared[piece.g]
+                spans.append((slice(start, end), mask))
+                start = end
+            parts.append((piece, spans))
+        return cls(parts)
+
+    def additive(self, dtype: torch.dtype) -> list[list[torch.Tensor | None]]:
+        """The masks as additive biases of ``dtype`` (what the fused CPU kernel takes)."""
+        if dtype not in self._additive:
+            self._additive[dtype] = [[_additive(mask, dtype) for _, mask in spans] for _, spans in self.parts]
+        return self._additive[dtype]
 
 
 LEAN_CPU_BACKWARD = True
 """Use the hand-written backward on the CPU (tests switch it off to cover the other path)."""
 
 
-def _grouped_attention(q, k, v, pieces, masks, scaling, dropout) -> torch.Tensor:
+def _grouped_attention(q, k, v, plan: _Plan, scaling, dropout, softcap) -> torch.Tensor:
     """q/k/v: [B, H, M, D] (k/v already repeated to H heads) -> [B, M, H, D]."""
+    if softcap is not None:  # no fused kernel caps logits: the exact blockwise math path
+        def attend(qs, ks, vs, mask):
+            return softcap_attention(qs, ks, vs, mask, scaling=scaling, softcap=softcap, dropout=dropout)
+
+        return _each_span(q, k, v, plan, attend)
     lean = (
         LEAN_CPU_BACKWARD
         and dropout == 0.0
@@ -342,15 +389,24 @@ def _grouped_attention(q, k, v, pieces, masks, scaling, dropout) -> torch.Tensor
         and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward")
     )
     if lean:
-        return _LeanGroupedAttention.apply(q, k, v, pieces, masks, scaling)
+        return _LeanGroupedAttention.apply(q, k, v, plan, scaling)
+
+    def attend(qs, ks, vs, mask):
+        return F.scaled_dot_product_attention(
+            qs, ks, vs, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=scaling
+        )
+
+    return _each_span(q, k, v, plan, attend)
+
+
+def _each_span(q, k, v, plan: _Plan, attend) -> torch.Tensor:
+    """Plain autograd over every span of every piece: [B, H, M, D] -> [B, M, H, D]."""
     b, h, m, d = q.shape
     out = q.new_empty(b, m, h, d)
-    for piece, mask in zip(pieces, masks):
-        o = F.scaled_dot_product_attention(
-            piece.gather(q), piece.gather(k), piece.gather(v), attn_mask=mask,
-            dropout_p=dropout, is_causal=mask is None, scale=scaling,
-        )
-        piece.scatter(out.transpose(1, 2), o)  # autograd tracks the in-place copies
+    for piece, spans in plan.parts:
+        qs, ks, vs = piece.gather(q), piece.gather(k), piece.gather(v)  # [rows, heads, g, D]
+        outs = [attend(qs[rows], ks[rows], vs[rows], mask) for rows, mask in spans]
+        piece.scatter(out.transpose(1, 2), outs[0] if len(outs) == 1 else torch.cat(outs))  # autograd tracks the copies
     return out
 
 
@@ -363,49 +419,62 @@ class _LeanGroupedAttention(torch.autograd.Function):
     block's own gradients are freed, so peak memory stays below full attention's."""
 
     @staticmethod
-    def forward(ctx, q, k, v, pieces, masks, scaling):
+    def forward(ctx, q, k, v, plan, scaling):
         b, h, m, d = q.shape
         out = q.new_empty(b, m, h, d)  # transformers' output layout
-        lses, float_masks = [], []
-        for piece, mask in zip(pieces, masks):
-            fmask = _additive(mask, q.dtype)
-            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                piece.gather(q), piece.gather(k), piece.gather(v), 0.0, fmask is None,
-                attn_mask=fmask, scale=scaling,
-            )
-            piece.scatter(out.transpose(1, 2), o)
-            lses.append(lse)
-            float_masks.append(fmask)
+        fmasks = plan.additive(q.dtype)
+        lses = []
+        for (piece, spans), fspans in zip(plan.parts, fmasks):
+            qs, ks, vs = piece.gather(q), piece.gather(k), piece.gather(v)  # [rows, heads, g, D]
+            dst = piece.gather(out.transpose(1, 2))
+            direct = len(spans) > 1 and _same_storage(dst, out)  # spans written in place
+            outs = []
+            for (rows, _), fmask in zip(spans, fspans):
+                o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                    qs[rows], ks[rows], vs[rows], 0.0, fmask is None, attn_mask=fmask, scale=scaling,
+                )
+                if direct:
+                    dst[rows].copy_(o)
+                else:
+                    outs.append(o)
+                lses.append(lse)
+            if not direct:
+                piece.scatter(out.transpose(1, 2), outs[0] if len(outs) == 1 else torch.cat(outs))
         ctx.save_for_backward(q, k, v, out, *lses)
-        ctx.pieces, ctx.masks, ctx.scaling = pieces, float_masks, scaling
+        ctx.plan, ctx.fmasks, ctx.scaling = plan, fmasks, scaling
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, *lses = ctx.saved_tensors
-        grads = [torch.empty_like(x) for x in (q, k, v)]  # the pieces tile every element
+        grads = [torch.empty_like(x) for x in (q, k, v)]  # the pieces' spans tile every element
         grad_out, out = grad_out.transpose(1, 2), out.transpose(1, 2)
         threads = torch.get_num_threads()
-        for piece, fmask, lse in zip(ctx.pieces, ctx.masks, lses):
+        lse_of_span = iter(lses)
+        for (piece, spans), fspans in zip(ctx.plan.parts, ctx.fmasks):
             ins = [piece.gather(x) for x in (grad_out, q, k, v, out)]  # folded, mostly views
             dsts = [piece.gather(g) for g in grads]
             direct = all(_same_storage(d, g) for d, g in zip(dsts, grads))
             if not direct:  # roll, or batch > 1 with groups off the row start: a folded buffer
                 dsts = [torch.empty_like(x) for x in ins[1:4]]
-            for rows, heads in _blocks(ins[1].shape[0], ins[1].shape[1], threads):
-                go, qb, kb, vb, ob = (x[rows, heads] for x in ins)
-                mask = fmask if fmask is None or fmask.shape[0] == 1 else fmask[rows]
-                block_grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                    go, qb, kb, vb, ob, lse[rows, heads], 0.0, fmask is None,
-                    attn_mask=mask, scale=ctx.scaling,
-                )
-                for dst, g in zip(dsts, block_grads):
-                    dst[rows, heads].copy_(g)
-                del block_grads
+            for (span, _), fmask in zip(spans, fspans):
+                lse = next(lse_of_span)
+                span_ins = [x[span] for x in ins]
+                span_dsts = [x[span] for x in dsts]
+                for rows, heads in _blocks(span_ins[1].shape[0], span_ins[1].shape[1], threads):
+                    go, qb, kb, vb, ob = (x[rows, heads] for x in span_ins)
+                    mask = fmask if fmask is None or fmask.shape[0] == 1 else fmask[rows]
+                    block_grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                        go, qb, kb, vb, ob, lse[rows, heads], 0.0, fmask is None,
+                        attn_mask=mask, scale=ctx.scaling,
+                    )
+                    for dst, g in zip(span_dsts, block_grads):
+                        dst[rows, heads].copy_(g)
+                    del block_grads
             if not direct:
                 for dst, folded in zip(grads, dsts):
                     piece.scatter(dst, folded)
-        return *grads, None, None, None
+        return *grads, None, None
 
 
 def _blocks(n_rows: int, n_heads: int, threads: int):
@@ -437,15 +506,20 @@ def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
-def _s2_sdpa(q, k, v, g, shift, valid, docs, scaling, dropout, window) -> torch.Tensor:
+def _s2_sdpa(q, k, v, g, shift, valid, docs, scaling, dropout, window, softcap, anchors=()) -> torch.Tensor:
     """[B, H, N, D] inputs (k/v repeated to H heads) -> [B, N, H, D]."""
-    b, h, n, d = q.shape
+    b, h, n, _ = q.shape
     extra = -n % g if n > g else 0
     if extra:  # split mode: padded keys lie after every real query; causality hides them
         q, k, v = (F.pad(x, (0, 0, 0, extra)) for x in (q, k, v))
-        valid = None if valid is None else F.pad(valid, (0, extra), value=False)
-        docs = None if docs is None else F.pad(docs, (0, extra), value=-1)
-    pieces = _pieces(h, n + extra, g, shift)
-    masks = [p.mask(valid, docs, window, q.device) for p in pieces]
-    out = _grouped_attention(q, k, v, pieces, masks, scaling, dropout)
+
+    def build() -> _Plan:
+        # The tail joins the last document as real tokens: its keys are in every real
+        # query's future and its queries are dropped, so it needs no mask of its own.
+        vt = None if valid is None else F.pad(valid, (0, extra), value=True)
+        dt = None if docs is None else torch.cat([docs, docs[:, -1:].expand(-1, extra)], 1)
+        return _Plan.build(b, h, n + extra, g, shift, vt, dt, window, q.device)
+
+    plan = per_forward(anchors, ("s2", b, n, g, shift, window, h, q.device), build)
+    out = _grouped_attention(q, k, v, plan, scaling, dropout, softcap)
     return out[:, :n] if extra else out

@@ -153,8 +153,11 @@ class AttentionConfig(_Section):
         description="split: shifted groups move by G/2, never look ahead; roll: the paper's "
         "Algorithm 1 (wraps around, leaks future tokens; for reproduction only).",
     )
-    backend: Literal["auto", "sdpa", "flash"] = Field(
-        "auto", description="auto = flash-attn on CUDA when installed, else torch SDPA."
+    backend: Literal["auto", "sdpa", "flash", "varlen"] = Field(
+        "auto",
+        description="auto = flash-attn on CUDA when it imports and the GPU (sm80+, fp16/bf16) suits it, else "
+        "torch's varlen_attn (torch >= 2.10) for packed/padded rows, else torch SDPA; says why once. "
+        "sdpa = torch SDPA (CPU and GPU); flash = flash-attn; varlen = torch's built-in varlen flash kernel.",
     )
 
     @field_validator("group_size_ratio")

@@ -331,3 +331,103 @@ def test_activation_checkpointing_gives_the_same_gradients(adapter_type):
     for name, grad in grads[0].items():
         assert grads[1][name] is not None, name
         torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- on a bf16 base (a GPU's weights)
+
+
+def tiny_bf16(arch: str, seed: int = 0) -> torch.nn.Module:
+    return tiny(arch, seed).to(torch.bfloat16)
+
+
+def bf16_logits(model: torch.nn.Module, autocast: bool = True) -> torch.Tensor:
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        return model(input_ids=batch()).logits
+
+
+def train_bf16(model: torch.nn.Module, steps: int, lr: float) -> None:
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for step in range(steps):
+        ids = batch(seed=10 + step)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+@pytest.mark.parametrize("adapter_type", ["lora_plus", "lora"])
+@pytest.mark.parametrize("arch", ["llama", "llama_tied", "qwen3"])
+def test_every_trained_parameter_is_fp32_on_a_bf16_base(arch, adapter_type):
+    model = apply_adapter(tiny_bf16(arch), AdapterConfig(type=adapter_type))
+    trained = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and set(trained.values()) == {torch.float32}, trained
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    assert frozen == {torch.bfloat16}  # the base stays bf16
+    if arch == "llama_tied" and adapter_type == "lora_plus":
+        inner = model.get_base_model()
+        embed = inner.model.embed_tokens.modules_to_save["default"].weight
+        assert inner.lm_head.modules_to_save["default"].weight is embed  # still one tied matrix
+        assert sum(p is embed for p in model.parameters() if p.requires_grad) == 1
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama_tied"])
+def test_norms_train_on_a_bf16_base(arch):
+    """50 AdamW steps at LongLoRA's lr 2e-5 under bf16 autocast: a bf16 norm weight of ~1.0
+    cannot take them (bf16 spacing at 1.0 is 2^-7) and does not move; the fp32 one does."""
+    model = apply_adapter(tiny_bf16(arch), AdapterConfig())
+    inner = model.get_base_model()
+    norms = [inner.model.norm.modules_to_save["default"].weight,
+             inner.model.layers[0].input_layernorm.modules_to_save["default"].weight]
+    embed = inner.model.embed_tokens.modules_to_save["default"].weight
+    before = [p.detach().clone() for p in (*norms, embed)]
+    train_bf16(model, steps=50, lr=2e-5)
+    for param, start in zip((*norms, embed), before):
+        assert (param - start).abs().max() > 1e-4
+
+
+def test_the_residual_stream_stays_in_the_base_dtype():
+    """An fp32 trained embedding would promote every hidden state (and each checkpointed
+    layer input, the largest activation at long context) to fp32; its output is cast to
+    the base's bf16, and the trained norms' outputs too."""
+    model = apply_adapter(tiny_bf16("llama"), AdapterConfig())
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=batch(), output_hidden_states=True)
+    assert {h.dtype for h in out.hidden_states} == {torch.bfloat16}
+    with torch.no_grad():  # and without autocast (evaluation) it still runs
+        model.eval()
+        assert model(input_ids=batch()).logits.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama_tied"])
+def test_bf16_base_adapter_reloads_bit_identically_and_merges(arch, tmp_path):
+    model = apply_adapter(tiny_bf16(arch), AdapterConfig())
+    train_bf16(model, steps=3, lr=1e-2)
+    adapted, adapted_plain = bf16_logits(model), bf16_logits(model, autocast=False)
+    path = save_adapter(model, tmp_path / "adapter")
+
+    for trainable in (False, True):
+        reloaded = load_adapter(tiny_bf16(arch), path, trainable=trainable)
+        assert torch.equal(bf16_logits(reloaded), adapted), trainable
+        assert torch.equal(bf16_logits(reloaded, autocast=False), adapted_plain), trainable
+    resumed = load_adapter(tiny_bf16(arch), path, trainable=True)
+    trained = dict(model.named_parameters())
+    for name, param in resumed.named_parameters():
+        if param.requires_grad:  # the saved fp32 values, not their bf16 rounding
+            assert param.dtype == torch.float32 and torch.equal(param, trained[name]), name
+    if arch == "llama_tied":
+        inner = resumed.get_base_model()
+        assert inner.lm_head.modules_to_save["default"].weight is inner.model.embed_tokens.modules_to_save["default"].weight
+
+    merged = load_adapter(tiny_bf16(arch), path).merge_and_unload()
+    torch.testing.assert_close(bf16_logits(merged), adapted, atol=0.05, rtol=0)  # bf16 rounding
+    # export's route: the adapter merged into the fp32 base computes what it does on that base
+    on_fp32 = logits(load_adapter(tiny(arch), path))
+    exported = load_adapter(tiny(arch), path).merge_and_unload()
+    torch.testing.assert_close(logits(exported), on_fp32, atol=1e-5, rtol=0)
+    torch.testing.assert_close(on_fp32, adapted.float(), atol=0.1, rtol=0)  # and what it trained to
+    if arch == "llama_tied":
+        assert tied(exported)

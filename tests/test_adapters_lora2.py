@@ -284,6 +284,41 @@ def test_adalora_baseline_applies_allocates_and_reloads(tmp_path):
         torch.testing.assert_close(reloaded(IDS).logits, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("adapter_type", ["lora2", "adalora"])
+def test_pruned_adapters_train_on_a_bf16_base_in_fp32_and_reload(adapter_type, tmp_path):
+    """A bf16 base (a GPU's weights) under bf16 autocast: every trained tensor is fp32 (LoRA²'s
+    factors start exactly orthonormal, not rounded to bf16), training prunes, a reload
+    computes the same logits."""
+    config = load_config(None, [f"adapter.type={adapter_type}", "adapter.rank=6", "adapter.lora2.outer_rank=4",
+                                "adapter.pruning.target_rank=2", "train.max_steps=10"])
+    model = apply_adapter(tiny_llama().to(torch.bfloat16), config.adapter, 10)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    if adapter_type == "lora2":
+        assert orthogonality_loss(model).item() < 1e-5
+    hooks = training_hooks(model, config.adapter, 10)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for step in range(1, 11):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=IDS, labels=IDS).loss
+        extra = hooks.extra_loss()
+        (loss if extra is None else loss + extra).backward()
+        optimizer.step()
+        hooks.after_optimizer_step(step)
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5 and hooks.metrics()["ranks_kept"] <= 2 * 8
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(IDS).logits
+        reloaded = load_adapter(tiny_llama().to(torch.bfloat16), save_adapter(model, tmp_path / "a")).eval()
+        got = reloaded(IDS).logits
+    if adapter_type == "lora2":
+        assert torch.equal(got, expected)
+    else:  # PEFT reloads AdaLoRA cut to its rank pattern: other matmul shapes, other bf16 rounding
+        torch.testing.assert_close(got, expected, atol=0.02, rtol=0)
+
+
 def test_config_rejects_pruning_that_cannot_run():
     from longtune.config import ConfigError
 

@@ -27,18 +27,33 @@ untied model). When the embedding is trained on a tied model we set PEFT's
 is one trained matrix (counted and optimized once), the saved adapter reloads tied and
 ``merge_and_unload`` returns a model that is still tied.
 
+Precision: every trained parameter (LoRA, LoRA², AdaLoRA factors, the saved embeddings and
+norms) is held in fp32 whatever the base's dtype, after ``apply_adapter`` and
+``load_adapter``. PEFT upcasts only the LoRA factors; a bf16 norm weight of ~1.0 cannot take
+AdamW's ~lr-sized steps (bf16 spacing near 1.0 is 2^-7 = 0.0078, lr 2e-5): on a bf16 base
+LoRA+'s "train the norms" would train nothing. The trained modules still compute like the
+base's: their outputs are cast back to the base dtype, so the residual stream (and the
+checkpointed layer inputs, the largest activations at long context) stays bf16 instead of
+being promoted to fp32 by an fp32 embedding. The output head is the exception: its logits
+are left as computed (a tied head under autocast gives bf16 logits, as the base would).
+Outside autocast the trained modules cast their inputs up to fp32 themselves, so a bf16
+model with an adapter also runs without autocast (evaluation).
+
 No Ray, no MLflow here: plain torch + transformers + PEFT.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import warnings
 from pathlib import Path
 
+import torch
 from peft import AdaLoraConfig, LoraConfig, PeftModel, TaskType, get_peft_model
+from peft.utils import ModulesToSaveWrapper, load_peft_weights
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from torch import nn
 
@@ -154,7 +169,40 @@ def apply_adapter(model: nn.Module, cfg: AdapterConfig, max_steps: int | None = 
         raise TypeError("apply_adapter expects a base model, got a PeftModel that already has an adapter")
     peft_config = lora_config(model, cfg, max_steps)
     with _quiet_peft():
-        return get_peft_model(model, peft_config)
+        adapted = get_peft_model(model, peft_config)
+    trained_in_fp32(adapted)
+    return adapted
+
+
+def trained_in_fp32(model: PeftModel) -> bool:
+    """Hold every trained parameter of ``model`` in fp32 (in place; tied parameters stay one
+    tensor) and make the saved modules compute like the base's (see the module docstring):
+    the trainable parameters, and every parameter of the modules_to_save copies whether or
+    not it requires grad now (a loaded adapter computes as it trained). Returns whether any
+    parameter was cast (only on a base below fp32). Idempotent."""
+    cast = False
+    params = {id(p): p for p in model.parameters() if p.requires_grad}
+    for wrapper in _saved_wrappers(model):
+        for copy in wrapper.modules_to_save.values():
+            params.update((id(p), p) for p in copy.parameters())
+    for param in params.values():
+        if param.is_floating_point() and param.dtype != torch.float32:
+            # .data keeps the Parameter object: a tied head keeps pointing at the same tensor
+            param.data = param.data.float()
+            cast = True
+    head = _output_head(model)
+    for wrapper in _saved_wrappers(model):
+        base_dtype = next((p.dtype for p in wrapper.original_module.parameters() if p.is_floating_point()), None)
+        if base_dtype is None or base_dtype == torch.float32:
+            continue
+        for copy in wrapper.modules_to_save.values():
+            if getattr(copy, "_longtune_base_dtype", None) is not None:
+                continue
+            copy._longtune_base_dtype = base_dtype
+            copy.register_forward_pre_hook(_inputs_up_outside_autocast)
+            if wrapper is not head and wrapper.original_module is not head:
+                copy.register_forward_hook(functools.partial(_output_to, base_dtype))
+    return cast
 
 
 # ---------------------------------------------------------------- save / load
@@ -203,8 +251,40 @@ def load_adapter(
             f"{str(directory)!r} has no adapter weights ({SAFETENSORS_WEIGHTS_NAME} or {WEIGHTS_NAME})"
         )
     with _quiet_peft():
-        return PeftModel.from_pretrained(
+        model = PeftModel.from_pretrained(
             base_model, str(directory), is_trainable=trainable, config=_lora2_config(saved)
+        )
+    if trained_in_fp32(model):
+        _reload_saved_modules(model, directory)
+    return model
+
+
+def _reload_saved_modules(model: PeftModel, directory: Path) -> None:
+    """PEFT loads the saved (fp32) modules into copies in the base's dtype, rounding them;
+    ``trained_in_fp32`` then widened the copies: copy the saved values in again, so a reload
+    computes as the adapter trained. Only the modules_to_save: the adapter layers loaded in
+    fp32 already (and AdaLoRA's would be resized twice)."""
+    device = next(model.parameters()).device
+    weights = load_peft_weights(str(directory), device=str(device))
+    adapter = model.active_adapter
+    loaded, missing = set(), []
+    with torch.no_grad():
+        for name, wrapper in model.named_modules():
+            if not isinstance(wrapper, ModulesToSaveWrapper) or adapter not in wrapper.modules_to_save:
+                continue
+            for key, param in wrapper.modules_to_save[adapter].named_parameters():
+                saved = weights.get(f"{name}.{key}")
+                if saved is not None:
+                    param.copy_(saved)
+                    loaded.add(id(param))
+                else:
+                    missing.append((f"{name}.{key}", param))
+    unloaded = [key for key, param in missing if id(param) not in loaded]  # a tied head shares a loaded one
+    if unloaded:
+        warnings.warn(
+            f"adapter {str(directory)!r}: no saved values for {unloaded[:3]}; those modules keep "
+            "PEFT's copy in the base model's dtype",
+            stacklevel=3,
         )
 
 
@@ -248,6 +328,32 @@ def _quiet_peft():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
         yield
+
+
+def _saved_wrappers(model: nn.Module) -> list[ModulesToSaveWrapper]:
+    return [m for m in model.modules() if isinstance(m, ModulesToSaveWrapper)]
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    get_out = getattr(_unwrap(model), "get_output_embeddings", None)
+    return get_out() if get_out is not None else None
+
+
+def _output_to(dtype: torch.dtype, module: nn.Module, args, output):
+    """Forward hook: a trained module's floating output in the base's ``dtype``."""
+    if isinstance(output, torch.Tensor) and output.is_floating_point() and output.dtype != dtype:
+        return output.to(dtype)
+    return output
+
+
+def _inputs_up_outside_autocast(module: nn.Module, args):
+    """Forward pre-hook: outside autocast, floating inputs in the fp32 of the trained
+    weights (a bf16 activation meeting an fp32 weight would fail); under autocast the
+    kernels cast themselves and nothing is copied."""
+    floats = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != torch.float32]
+    if not floats or torch.is_autocast_enabled(floats[0].device.type):
+        return None
+    return tuple(a.float() if any(a is f for f in floats) else a for a in args)
 
 
 def _is_linear(module: nn.Module) -> bool:

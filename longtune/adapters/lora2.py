@@ -98,11 +98,17 @@ class Lora2Linear(nn.Module, LoraLayer):
         k, n_in, n_out = outer_rank, self.in_features, self.out_features
         shapes = {"lora_Qout": (k, n_in), "lora_Qin": (r, k), "lora_E": (r,),
                   "lora_Pin": (k, r), "lora_Pout": (n_out, k)}
-        for name, shape in shapes.items():  # fp32, as PEFT keeps adapter weights
+        for name, shape in shapes.items():
             getattr(self, name)[adapter_name] = nn.Parameter(torch.empty(shape, dtype=torch.float32))
         self.lora_mask[adapter_name] = torch.ones(r, dtype=torch.bool)
-        self.reset_lora2_parameters(adapter_name, init_weights)
         self._move_adapter_to_device_of_base_layer(adapter_name)
+        for name in FACTORS:
+            # PEFT's move also casts to the base's dtype: the factors train in fp32 whatever the
+            # base (a bf16 Qout would round away orthogonality and small updates), and are
+            # initialised after the move so they start exactly orthonormal
+            factors = getattr(self, name)
+            factors[adapter_name] = nn.Parameter(factors[adapter_name].detach().float())
+        self.reset_lora2_parameters(adapter_name, init_weights)
         self.set_adapter(self.active_adapters)
 
     def reset_lora2_parameters(self, adapter_name: str, init_weights: bool | str = True) -> None:

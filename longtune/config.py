@@ -30,6 +30,27 @@ class ConfigError(ValueError):
     """A configuration problem, worded for the user in one line."""
 
 
+# train.precision -> model.dtype values it contradicts (longtune.precision resolves the rest)
+_PRECISION_CONFLICTS = {
+    "fp32": {"bfloat16": "bf16", "float16": "fp16"},
+    "bf16": {"float16": "fp16"},
+    "fp16": {"bfloat16": "bf16"},
+}
+
+
+def precision_conflict(dtype: str, precision: str) -> str | None:
+    """Why ``model.dtype`` and ``train.precision`` contradict each other, or None."""
+    fix = _PRECISION_CONFLICTS.get(precision, {}).get(dtype)
+    if fix is None:
+        return None
+    compute = "float32" if precision == "fp32" else {"bf16": "bfloat16", "fp16": "float16"}[precision]
+    keep = "auto or float32" if precision == "fp32" else f"auto, float32 or {compute}"
+    return (
+        f"train.precision={precision} computes in {compute} but model.dtype={dtype} loads {dtype} "
+        f"weights: set model.dtype to {keep}, or train.precision to {fix} (or auto)"
+    )
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
@@ -58,7 +79,10 @@ class ModelConfig(_Section):
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the hub.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weight dtype: auto = bfloat16 on GPU, float32 on CPU."
+        "auto",
+        description="Dtype the base weights load in; auto = bfloat16 on GPU (float16 on GPUs "
+        "without bf16), float32 on CPU or with train.precision=fp32. Trained parameters "
+        "(LoRA, embeddings, norms) are float32 whatever this is.",
     )
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward.")
     adapter_path: str | None = Field(
@@ -243,8 +267,11 @@ class TrainConfig(_Section):
     batch_size_per_worker: int = Field(2, gt=0, description="Blocks per micro-batch per worker.")
     grad_accum_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null = off.")
-    precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="auto = bf16 autocast where supported, else fp32."
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto",
+        description="Compute: auto = bf16 autocast on GPUs with bf16 (fp16 with loss scaling on "
+        "older GPUs or with model.dtype=float16) and on CPUs with native bf16, else fp32; bf16, "
+        "fp16 = that autocast (fp16 with a GradScaler); fp32 = fp32 weights, no autocast.",
     )
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp", description="Data parallel strategy; fsdp is refused for now (not yet correct with adapters)."
@@ -438,6 +465,13 @@ class Config(_Section):
     tune: TuneConfig = Field(default_factory=TuneConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+
+    @model_validator(mode="after")
+    def _precision(self) -> "Config":
+        conflict = precision_conflict(self.model.dtype, self.train.precision)
+        if conflict:
+            raise ValueError(conflict)
+        return self
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":

@@ -6,6 +6,35 @@ into the position range the model was trained on: RoPE positions are divided by
 (``rope_parameters = {"rope_type": "linear", "factor": ..., "rope_theta": ...}``) and builds
 the rotary embedding from it when the model is created, so it is applied to the config
 *before* the weights load.
+
+How the factor composes with the RoPE a model already has, per ``rope_type``:
+
+- ``default``: becomes ``linear`` with the factor.
+- ``linear``: the factors multiply (a model already interpolated x2, extended x4: x8).
+- ``llama3`` (Llama 3.1+): ``factor`` is multiplied, ``original_max_position_embeddings``
+  and ``low_freq_factor`` / ``high_freq_factor`` kept. The dimensions llama3 interpolates
+  (wavelength above original / low_freq_factor) are interpolated by the new factor too, the
+  high-frequency ones (wavelength below original / high_freq_factor, many full turns inside
+  the trained context) stay as trained, the band between is smoothed as llama3 does.
+- ``yarn``: ``factor`` is multiplied (so it is target / original_max_position_embeddings),
+  ``original_max_position_embeddings`` and ``beta_fast`` / ``beta_slow`` kept. An explicit
+  ``attention_factor`` is kept; without one transformers derives it from the new factor
+  (0.1·ln(factor) + 1, or from mscale / mscale_all_dim), as YaRN prescribes for that
+  scale. A yarn model's trained context is ``factor x original_max_position_embeddings``
+  (what its factor reaches), not its ``max_position_embeddings``, unless
+  ``model.original_context`` says otherwise.
+- ``dynamic`` and ``longrope`` are refused: both choose their frequencies from each batch's
+  length at run time, so the frequencies trained are not the ones read.
+
+Models that keep RoPE per layer type (Gemma 3, OLMo 3: ``rope_parameters =
+{"sliding_attention": {...}, "full_attention": {...}}``): each layer type is extended by
+the distance its layers attend over. A ``full_attention`` layer sees every distance up to
+the context: its factor is target / original. A ``sliding_attention`` layer sees distances
+up to ``sliding_window`` only, and RoPE's attention scores depend on distances alone, so its
+layers read a longer context exactly as they were trained when the window is within the
+trained context: its factor is min(window, target) / min(window, original), 1 for every real
+model (Gemma 3: window 1024 of 128k). Interpolating it anyway would squeeze the local
+positions those layers resolve for nothing. Other layer types are refused.
 """
 
 from __future__ import annotations
@@ -16,6 +45,10 @@ from typing import Any
 import torch
 
 from longtune.config import SEED_MODEL, ModelConfig
+from longtune.precision import cpu_has_bf16, resolve_precision  # noqa: F401  (cpu_has_bf16: old home)
+
+FULL, SLIDING = "full_attention", "sliding_attention"
+COMPOSABLE = ("default", "linear", "llama3", "yarn")
 
 
 class ModelError(ValueError):
@@ -23,10 +56,14 @@ class ModelError(ValueError):
 
 
 def original_context(config: Any, model_cfg: ModelConfig) -> int:
-    """The context the base model was trained at: model.original_context, else the
-    model config's max_position_embeddings."""
+    """The context the base model was trained at: model.original_context; else, for yarn
+    RoPE, factor x original_max_position_embeddings; else the model config's
+    max_position_embeddings."""
     if model_cfg.original_context is not None:
         return model_cfg.original_context
+    rope = _full_rope(config)
+    if rope and rope.get("rope_type") == "yarn" and rope.get("factor") and rope.get("original_max_position_embeddings"):
+        return int(round(float(rope["factor"]) * int(rope["original_max_position_embeddings"])))
     n = getattr(config, "max_position_embeddings", None)
     if not n:
         raise ModelError(
@@ -36,41 +73,131 @@ def original_context(config: Any, model_cfg: ModelConfig) -> int:
 
 
 def interpolate_positions(config: Any, target_context: int, original: int) -> float:
-    """Extend ``config`` (in place) from ``original`` to ``target_context`` tokens with
-    linear RoPE interpolation, composed with any linear factor it already has. Returns the
-    factor applied now (1.0 when the target is not longer)."""
+    """Extend ``config`` (in place) from ``original`` to ``target_context`` tokens, composed
+    with the RoPE it has (see the module docstring). Returns the factor applied now to the
+    layers that attend over the whole context (1.0 when the target is not longer);
+    ``extend_rope`` returns it per layer type."""
+    applied = extend_rope(config, target_context, original)
+    return max(applied.values(), default=1.0)
+
+
+def extend_rope(config: Any, target_context: int, original: int) -> dict[str, float]:
+    """``interpolate_positions``, returning the factor applied now per layer type (``"all"``
+    for a model with one RoPE for every layer). Nothing is changed when a layer type cannot
+    be extended (ModelError)."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    nested = _nested_keys(config, rope)
     if target_context <= original:
-        return 1.0
+        return {key: 1.0 for key in nested if rope[key] is not None} if nested else {"all": 1.0}
+    if not rope:
+        raise ModelError(
+            f"{type(config).__name__} has no rope_parameters: longtune extends the context by RoPE "
+            "position interpolation only; set model.target_context <= the model's context"
+        )
     factor = target_context / original
-    rope = dict(getattr(config, "rope_parameters", None) or {})
+    if not nested:
+        extended, applied = _composed(rope, factor, config, "rope_parameters"), {"all": factor}
+    else:
+        extended, applied = dict(rope), {}
+        for key in nested:
+            if rope[key] is None:  # a layer type without positions (NoPE)
+                continue
+            f = _layer_type_factor(config, key, target_context, original)
+            extended[key] = _composed(rope[key], f, config, f"rope_parameters.{key}") if f > 1 else dict(rope[key])
+            applied[key] = f
+    config.rope_parameters = extended
+    config.max_position_embeddings = target_context
+    return applied
+
+
+def _composed(params: dict[str, Any], factor: float, config: Any, where: str) -> dict[str, Any]:
+    """A copy of one RoPE parameter dict with ``factor`` composed into it."""
+    rope = dict(params)
     kind = rope.get("rope_type", "default")
     if kind == "default":
         rope.update(rope_type="linear", factor=factor)
-    elif kind == "linear":
+    elif kind in ("linear", "llama3"):
         rope["factor"] = float(rope["factor"]) * factor
+    elif kind == "yarn":
+        current = rope.get("factor") or config.max_position_embeddings / rope["original_max_position_embeddings"]
+        rope["factor"] = float(current) * factor
+    elif kind == "dynamic":
+        raise ModelError(
+            f"{where}: rope_type 'dynamic' (dynamic NTK) recomputes its frequencies from each batch's "
+            "length, so the frequencies trained are not the ones read later; position interpolation "
+            "needs fixed ones. Set the model's config.json rope_parameters to rope_type 'linear' (or "
+            "'default', or 'yarn' with original_max_position_embeddings) before fine-tuning, or keep "
+            "model.target_context <= its context"
+        )
+    elif kind == "longrope":
+        raise ModelError(
+            f"{where}: rope_type 'longrope' (Phi-3) switches between short_factor and long_factor by "
+            "each batch's length and longtune cannot compose a position factor with its "
+            "per-dimension factors; use the model at its own context (model.target_context <= "
+            f"{config.max_position_embeddings}) or a checkpoint with 'default', 'linear' or 'yarn' RoPE"
+        )
     else:
         raise ModelError(
-            f"the model's rope_type is {kind!r}; linear position interpolation composes only "
-            "with 'default' or 'linear' RoPE"
+            f"{where}: the model's rope_type is {kind!r}; position interpolation composes only with "
+            f"{', '.join(repr(k) for k in COMPOSABLE)} RoPE"
         )
-    config.rope_parameters = rope
-    config.max_position_embeddings = target_context
-    return factor
+    return rope
 
 
-def cpu_has_bf16() -> bool:
-    """bf16 autocast pays on CPUs with native bf16 (AVX512-BF16, AMX): ~1.5x here."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+def _layer_type_factor(config: Any, layer_type: str, target_context: int, original: int) -> float:
+    """How much farther than in training the layers of ``layer_type`` now attend."""
+    if layer_type == FULL:
+        return target_context / original
+    if layer_type == SLIDING:
+        window = getattr(config, "sliding_window", None)
+        if not window:  # no window to bound it: it may see every distance
+            return target_context / original
+        return min(window, target_context) / min(window, original)
+    raise ModelError(
+        f"rope_parameters has RoPE for layer type {layer_type!r}: longtune knows how far "
+        f"{FULL!r} and {SLIDING!r} layers attend, not {layer_type!r}, so it cannot say how "
+        "to interpolate its positions"
+    )
 
 
-def resolve_dtype(model_cfg: ModelConfig, on_gpu: bool) -> torch.dtype:
-    if model_cfg.dtype == "auto":
-        return torch.bfloat16 if on_gpu else torch.float32
-    return getattr(torch, model_cfg.dtype)
+def _nested_keys(config: Any, rope: dict[str, Any]) -> list[str]:
+    """The layer types ``rope`` is keyed by (Gemma 3, OLMo 3); empty for one flat dict."""
+    if not rope:
+        return []
+    keys = getattr(config, "nested_rope_parameter_keys", None)
+    if callable(keys):
+        return list(keys(rope))
+    return [k for k in rope if isinstance(rope[k], dict) or (rope[k] is None and k.endswith("_attention"))]
+
+
+def _full_rope(config: Any) -> dict[str, Any] | None:
+    """The RoPE parameters of the layers that attend over the whole context."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    nested = _nested_keys(config, rope)
+    if not nested:
+        return rope or None
+    return rope.get(FULL)
+
+
+def rope_report(model: Any, applied: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """What the loaded model's rotary embeddings use, per layer type (``"all"`` for one
+    RoPE): rope_type, total factor, the factor interpolated now and, where the rotary module
+    exposes it, the attention scaling it built (yarn's attention_factor)."""
+    rope = getattr(model.config, "rope_parameters", None) or {}
+    rotary = next((m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")), None)
+    report = {}
+    for key, now in applied.items():
+        params = rope if key == "all" else (rope.get(key) or {})
+        entry: dict[str, Any] = {
+            "rope_type": params.get("rope_type", "default"),
+            "factor": float(params.get("factor") or 1.0),
+            "interpolated": float(now),
+        }
+        scaling = getattr(rotary, "attention_scaling" if key == "all" else f"{key}_attention_scaling", None)
+        if isinstance(scaling, (int, float)):
+            entry["attention_scaling"] = float(scaling)
+        report[key] = entry
+    return report
 
 
 def model_path(model_cfg: ModelConfig) -> str:
@@ -106,10 +233,15 @@ def load_model(
     on_gpu: bool = False,
     for_training: bool = True,
     path: str | None = None,
+    dtype: torch.dtype | None = None,
 ):
-    """Load the base causal LM with its positions interpolated to model.target_context.
+    """Load the base causal LM with its positions interpolated to model.target_context, its
+    weights in ``dtype`` (None: ``resolve_precision(model_cfg, None, device).weights``;
+    training passes the dtype resolved with train.precision).
 
-    Returns ``(model, info)`` where info records the original context and the factor."""
+    Returns ``(model, info)``. info: path, original_context, target_context, rope_factor (the
+    total factor of the RoPE of the layers attending over the whole context),
+    interpolation_factor (applied now), rope (``rope_report``: per layer type) and dtype."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = path or model_path(model_cfg)
@@ -120,11 +252,13 @@ def load_model(
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load a model config from {path!r}: {exc}") from None
     original = original_context(config, model_cfg)
-    factor = interpolate_positions(config, model_cfg.target_context, original)
+    applied = extend_rope(config, model_cfg.target_context, original)
+    if dtype is None:
+        dtype = resolve_precision(model_cfg, None, "cuda" if on_gpu else "cpu").weights
     model = AutoModelForCausalLM.from_pretrained(
         path,
         config=config,
-        dtype=resolve_dtype(model_cfg, on_gpu),
+        dtype=dtype,
         trust_remote_code=model_cfg.trust_remote_code,
     )
     if for_training:
@@ -136,9 +270,9 @@ def load_model(
         "path": path,
         "original_context": original,
         "target_context": model_cfg.target_context,
-        "rope_factor": float(model.config.rope_parameters.get("factor", 1.0))
-        if getattr(model.config, "rope_parameters", None)
-        else 1.0,
-        "interpolation_factor": factor,
+        "rope_factor": float((_full_rope(model.config) or {}).get("factor") or 1.0),
+        "interpolation_factor": max(applied.values(), default=1.0),
+        "rope": rope_report(model, applied),
+        "dtype": str(dtype).removeprefix("torch."),
     }
     return model, info

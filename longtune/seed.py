@@ -195,7 +195,7 @@ def pretrain_seed_model(tokenizer, *, steps: int = SEED_STEPS, console=None):
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
     from transformers import LlamaForCausalLM
 
-    from longtune.models import cpu_has_bf16
+    from longtune.precision import cpu_has_bf16
 
     console = console or Console(stderr=True)
     train, heldout = seed_corpus_tokens(tokenizer)

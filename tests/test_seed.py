@@ -36,3 +36,16 @@ def test_seed_tokenizer_is_built_once_and_cached(tmp_path, monkeypatch):
     assert vocab_hash(again) == vocab_hash(tok)
     ids = tok.encode("def main():\n    return 0\n", add_special_tokens=False)
     assert tok.decode(ids) == "def main():\n    return 0\n"
+
+
+def test_seed_and_models_do_not_import_each_other():
+    """cpu_has_bf16 lives in longtune.precision: seed.py (which models.py imports to build
+    the seed model) imports nothing from longtune.models, at module level or inside."""
+    import ast
+
+    import longtune.seed
+
+    tree = ast.parse(open(longtune.seed.__file__, encoding="utf-8").read())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert "longtune.models" not in imported and "longtune.precision" in imported

@@ -22,8 +22,10 @@ def score_models(
     from longtune.eval.perplexity import load_eval_documents
     from longtune.eval.report import evaluate_model
     from longtune.models import load_model, load_tokenizer_for
+    from longtune.precision import resolve_precision
 
     on_gpu = torch.cuda.is_available()
+    weights = resolve_precision(config.model, config.train, "cuda" if on_gpu else "cpu").weights
     tokenizer = load_tokenizer_for(config.model)
     documents = load_eval_documents(config, tokenizer)
     results = {}
@@ -31,7 +33,7 @@ def score_models(
         model_cfg = config.model.model_copy(
             update={"target_context": variant.get("target_context", config.model.target_context)}
         )
-        model, _ = load_model(model_cfg, on_gpu=on_gpu, for_training=False, path=model_path)
+        model, _ = load_model(model_cfg, on_gpu=on_gpu, for_training=False, path=model_path, dtype=weights)
         if variant.get("adapter"):
             model = load_adapter(model, variant["adapter"])
         model.to("cuda" if on_gpu else "cpu")

@@ -261,6 +261,7 @@ def evaluate(config: Config, *, console=None, out=None) -> tuple[EvalReport, str
 
     from longtune.attention import use_full_attention
     from longtune.models import load_model, load_tokenizer_for
+    from longtune.precision import resolve_precision
 
     console = console or Console(stderr=True)
     out = out or Console()
@@ -273,11 +274,15 @@ def evaluate(config: Config, *, console=None, out=None) -> tuple[EvalReport, str
 
     # ---------------------------------------------------------------- model
     on_gpu = torch.cuda.is_available()
-    model, info = load_model(m, on_gpu=on_gpu, for_training=False)
+    device = "cuda" if on_gpu else "cpu"
+    # the weights training would load (train.precision=fp32: fp32 on a GPU too); scored
+    # without autocast, as before
+    weights = resolve_precision(m, config.train, device).weights
+    model, info = load_model(m, on_gpu=on_gpu, for_training=False, dtype=weights)
     if m.adapter_path:
         model = _with_adapter(model, m.adapter_path)
-    model = use_full_attention(model).to("cuda" if on_gpu else "cpu").eval()
-    info = {**info, "adapter_path": m.adapter_path, "device": "cuda" if on_gpu else "cpu"}
+    model = use_full_attention(model).to(device).eval()
+    info = {**info, "adapter_path": m.adapter_path, "device": device}
     console.print(
         f"[bold]longtune evaluate[/] {m.name_or_path}{' + ' + m.adapter_path if m.adapter_path else ''}: "
         f"trained context {info['original_context']:,}, positions interpolated to "

@@ -62,8 +62,8 @@ def step_times(config, path: str, adapters: dict, reps: int = 7) -> dict[str, fl
 
     from longtune.adapters import training_hooks
     from longtune.config import with_overrides
+    from longtune.precision import resolve_precision
     from longtune.train.loop import (
-        autocast_for,
         build_model,
         build_optimizer,
         optimizer_step,
@@ -77,7 +77,8 @@ def step_times(config, path: str, adapters: dict, reps: int = 7) -> dict[str, fl
         model = build_model(cfg, path, cpu)
         params, optimizer, scheduler = build_optimizer(cfg, model)
         hooks = training_hooks(model, cfg.adapter, cfg.train.max_steps)
-        steppers[name] = (cfg, model, params, optimizer, scheduler, hooks, autocast_for(cfg, cpu))
+        autocast = resolve_precision(cfg.model, cfg.train, "cpu").autocast(cpu)
+        steppers[name] = (cfg, model, params, optimizer, scheduler, hooks, autocast)
     n = config.context_length
     g = torch.Generator().manual_seed(0)
     block = {"input_ids": torch.randint(1, 4000, (1, n), generator=g), "position_ids": torch.arange(n)[None]}

@@ -41,6 +41,13 @@ def save_model(directory: Path) -> str:
     return str(directory)
 
 
+def cpu_autocast(config: Config):
+    """The autocast the training loop runs under on a CPU worker."""
+    from longtune.precision import resolve_precision
+
+    return resolve_precision(config.model, config.train, "cpu").autocast("cpu")
+
+
 def config_for(model_dir: str, context: int, attention: str) -> Config:
     return load_config(None, [f"model.name_or_path={model_dir}", f"model.target_context={context}",
                               f"attention.type={attention}", "train.batch_size_per_worker=1",
@@ -52,12 +59,12 @@ class Stepper:
 
     def __init__(self, model_dir: str, context: int):
         from longtune.attention import use_full_attention, use_s2_attention
-        from longtune.train.loop import autocast_for, build_model, build_optimizer
+        from longtune.train.loop import build_model, build_optimizer
 
         self.config = config_for(model_dir, context, "s2")
         self.model = build_model(self.config, model_dir, torch.device("cpu"))
         self.params, self.optimizer, self.scheduler = build_optimizer(self.config, self.model)
-        self.autocast = autocast_for(self.config, torch.device("cpu"))
+        self.autocast = cpu_autocast(self.config)
         self.switch = {"s2": lambda: use_s2_attention(self.model, 0.25),
                        "full": lambda: use_full_attention(self.model)}
         gen = torch.Generator().manual_seed(0)
@@ -113,13 +120,13 @@ def _ray_loop(loop_config: dict) -> None:
     import ray.train.torch
 
     torch.set_num_threads(loop_config["threads"])
-    from longtune.train.loop import autocast_for, build_model, build_optimizer, optimizer_step
+    from longtune.train.loop import build_model, build_optimizer, optimizer_step
 
     config = Config.model_validate(loop_config["config"])
     model = build_model(config, loop_config["model_dir"], torch.device("cpu"))
     wrapped = ray.train.torch.prepare_model(model, move_to_device=False)
     params, optimizer, scheduler = build_optimizer(config, model)
-    autocast = autocast_for(config, torch.device("cpu"))
+    autocast = cpu_autocast(config)
     shard = ray.train.get_dataset_shard("train")
     times = []
     batches = iter(shard.iter_torch_batches(batch_size=1))
@@ -134,12 +141,12 @@ def _ray_loop(loop_config: dict) -> None:
 
 
 def plain_loop(config: Config, model_dir: str, blocks: list[dict], threads: int) -> list[float]:
-    from longtune.train.loop import autocast_for, build_model, build_optimizer, optimizer_step
+    from longtune.train.loop import build_model, build_optimizer, optimizer_step
 
     torch.set_num_threads(threads)
     model = build_model(config, model_dir, torch.device("cpu"))
     params, optimizer, scheduler = build_optimizer(config, model)
-    autocast = autocast_for(config, torch.device("cpu"))
+    autocast = cpu_autocast(config)
     batches = iter({k: torch.tensor(v)[None] for k, v in b.items()} for b in blocks)
     model.train()
     times = []

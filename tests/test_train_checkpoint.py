@@ -85,3 +85,20 @@ def test_an_incomplete_checkpoint_is_refused(tmp_path, tiny_model_dir):
     (tmp_path / "state.json").unlink()  # written last: its absence marks an interrupted write
     with pytest.raises(FileNotFoundError, match="not a complete longtune checkpoint"):
         read_checkpoint(tmp_path, model, optimizer, scheduler, hooks)
+
+
+def test_fp16s_loss_scale_is_kept_and_restored(tmp_path, tiny_model_dir):
+    run = lora2_run(tiny_model_dir)
+    config, model, _, optimizer, scheduler, hooks = run
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(torch.ones(()))  # the scale exists once a loss was scaled
+    scaler.update(512.0)  # as after an overflow
+    write_checkpoint(tmp_path, model, optimizer, scheduler, TrainState(step=1), config.to_yaml(), hooks, scaler)
+    restored = torch.amp.GradScaler("cpu")
+    read_checkpoint(tmp_path, model, optimizer, scheduler, hooks, restored)
+    assert restored.get_scale() == 512.0
+
+    disabled = torch.amp.GradScaler("cpu", enabled=False)  # bf16 and fp32 runs write no scaler
+    write_checkpoint(tmp_path / "bf16", model, optimizer, scheduler, TrainState(step=1), config.to_yaml(), hooks,
+                     disabled)
+    assert not (tmp_path / "bf16" / "grad_scaler.pt").exists()

@@ -3,6 +3,7 @@ over micro-batches and ranks, checked with real gloo process groups."""
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 
@@ -104,3 +105,46 @@ def test_two_ranks_one_block_each_equal_one_rank_two_blocks(two_ranks, tiny_mode
     for name, grad in grads.items():
         torch.testing.assert_close(grad, two_ranks["grads"][name], atol=1e-5, rtol=1e-4, msg=name)
     assert any(g.abs().max() > 0 for g in grads.values())
+
+
+class CountingHooks:
+    """Adapter hooks that only count the steps they were called after."""
+
+    def __init__(self):
+        self.steps = []
+
+    def extra_loss(self):
+        return None
+
+    def after_optimizer_step(self, step):
+        self.steps.append(step)
+
+
+def test_fp16_scales_the_loss_and_skips_a_step_whose_gradients_overflow(tiny_model_dir):
+    from longtune.precision import resolve_precision
+    from longtune.train.loop import build_model, build_optimizer, optimizer_step
+
+    config = load_config(None, [f"model.name_or_path={tiny_model_dir}", f"model.target_context={SEQ}",
+                                "train.precision=fp16", "train.max_grad_norm=1.0", "train.warmup_steps=0"])
+    precision = resolve_precision(config.model, config.train, "cpu")
+    assert precision.grad_scaler and precision.compute == torch.float16
+    model = build_model(config, tiny_model_dir, torch.device("cpu"), precision)
+    params, optimizer, scheduler = build_optimizer(config, model)
+    block = [{k: v[None] for k, v in blocks()[0].items()}]
+    hooks = CountingHooks()
+
+    scaler = precision.grad_scaler_for("cpu")
+    before = [p.detach().clone() for p in params]
+    loss = optimizer_step(model, block, params, optimizer, scheduler, config, precision.autocast("cpu"),
+                          hooks, 1, scaler)
+    assert loss.skipped == 0 and hooks.steps == [1] and math.isfinite(loss.mean)
+    assert any(not torch.equal(a, p) for a, p in zip(before, params))
+
+    # a scale so large the scaled loss overflows: the step is skipped, the scale lowered
+    huge = torch.amp.GradScaler("cpu", init_scale=2.0**127)
+    before = [p.detach().clone() for p in params]
+    loss = optimizer_step(model, block, params, optimizer, scheduler, config, precision.autocast("cpu"),
+                          hooks, 2, huge)
+    assert loss.skipped == 1 and hooks.steps == [1]  # LoRA²'s allocator would have read inf
+    assert huge.get_scale() < 2.0**127
+    assert all(torch.equal(a, p) for a, p in zip(before, params))

@@ -6,6 +6,7 @@
       scheduler.pt      learning-rate schedule state
       adapter_state.pt  what the adapter's training hooks keep (LoRA²: the rank allocator's
                         importance EMAs); only for adapters that have any
+      grad_scaler.pt    fp16's loss scale and its growth tracker; only with fp16
       state.json        step, data position (epoch, batches consumed in it), tokens seen
       config.yaml       the resolved config of the run
 
@@ -35,10 +36,12 @@ class TrainState:
 
 
 ADAPTER_STATE = "adapter_state.pt"
+GRAD_SCALER = "grad_scaler.pt"
 
 
 def write_checkpoint(
-    directory: str | Path, model, optimizer, scheduler, state: TrainState, config_yaml: str, hooks=None
+    directory: str | Path, model, optimizer, scheduler, state: TrainState, config_yaml: str, hooks=None,
+    scaler=None,
 ) -> Path:
     """Write a checkpoint into ``directory`` (model: the PEFT model, not a DDP wrapper)."""
     from longtune.adapters import save_adapter
@@ -51,14 +54,17 @@ def write_checkpoint(
     hook_state = hooks.state_dict() if hooks is not None else {}
     if hook_state:
         torch.save(hook_state, directory / ADAPTER_STATE)
+    if scaler is not None and scaler.is_enabled():
+        torch.save(scaler.state_dict(), directory / GRAD_SCALER)
     (directory / "config.yaml").write_text(config_yaml)
     (directory / "state.json").write_text(state.to_json())  # last: a complete checkpoint
     return directory
 
 
-def read_checkpoint(directory: str | Path, model, optimizer, scheduler, hooks=None) -> TrainState:
+def read_checkpoint(directory: str | Path, model, optimizer, scheduler, hooks=None, scaler=None) -> TrainState:
     """Restore model weights (trainable ones and adapter buffers such as LoRA²'s masks),
-    optimizer, scheduler and the adapter hooks' state; return the training state."""
+    optimizer, scheduler, the adapter hooks' state and fp16's loss scale; return the
+    training state."""
     from peft import set_peft_model_state_dict
     from peft.utils import load_peft_weights
 
@@ -77,6 +83,8 @@ def read_checkpoint(directory: str | Path, model, optimizer, scheduler, hooks=No
     scheduler.load_state_dict(_load(directory / "scheduler.pt"))
     if hooks is not None and (directory / ADAPTER_STATE).is_file():
         hooks.load_state_dict(_load(directory / ADAPTER_STATE))
+    if scaler is not None and scaler.is_enabled() and (directory / GRAD_SCALER).is_file():
+        scaler.load_state_dict(_load(directory / GRAD_SCALER))
     return TrainState(**json.loads((directory / "state.json").read_text()))
 
 

@@ -21,7 +21,7 @@ import torch
 from longtune.adapters import training_hooks
 from longtune.config import Config
 from longtune.distributed import all_reduce_sum, world_size
-from longtune.models import cpu_has_bf16
+from longtune.precision import Precision, resolve_precision, step_optimizer
 from longtune.train.checkpoint import TrainState, read_checkpoint, write_checkpoint
 from longtune.train.loss import block_inputs, target_count, token_loss_sum
 from longtune.train.worker_config import WorkerConfig
@@ -42,17 +42,19 @@ def train_loop(worker: WorkerConfig) -> None:
         torch.set_num_threads(max(1, worker.threads_per_worker))
 
     # ---------------------------------------------------------------- model, optimizer
-    model = build_model(config, worker.model_path, device)
+    precision = resolve_precision(config.model, t, device.type)
+    model = build_model(config, worker.model_path, device, precision)
     wrapped = ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy=t.strategy)
     params, optimizer, scheduler = build_optimizer(config, model)
     hooks = training_hooks(model, config.adapter, t.max_steps)
+    scaler = precision.grad_scaler_for(device)  # fp16 only; otherwise it passes everything through
 
     # ---------------------------------------------------------------- resume
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            state = read_checkpoint(directory, model, optimizer, scheduler, hooks)
+            state = read_checkpoint(directory, model, optimizer, scheduler, hooks, scaler)
         if rank == 0:
             print(f"[longtune] resumed at step {state.step} (epoch {state.epoch}, "
                   f"batch {state.batches_in_epoch})")
@@ -62,7 +64,7 @@ def train_loop(worker: WorkerConfig) -> None:
     batches = _batches(ray.train.get_dataset_shard("train"), t.batch_size_per_worker, state, device)
     eval_blocks = _EvalBlocks(config, device) if rank == 0 and worker.has_eval else None
     tracker = _metrics_logger(worker) if rank == 0 else None
-    autocast = autocast_for(config, device)
+    autocast = precision.autocast(device)
     config_yaml = config.to_yaml()
 
     if checkpoint is not None and rank == 0:
@@ -82,7 +84,7 @@ def train_loop(worker: WorkerConfig) -> None:
     while state.step < t.max_steps:
         micro_batches = [next(batches) for _ in range(t.grad_accum_steps)]
         window += optimizer_step(
-            wrapped, micro_batches, params, optimizer, scheduler, config, autocast, hooks, state.step + 1
+            wrapped, micro_batches, params, optimizer, scheduler, config, autocast, hooks, state.step + 1, scaler
         )
         state.step += 1
         state.tokens_seen += tokens_per_step
@@ -108,6 +110,7 @@ def train_loop(worker: WorkerConfig) -> None:
             "tokens_seen": state.tokens_seen,
             "epoch": state.epoch,
             **hooks.metrics(),
+            **({"loss_scale": scaler.get_scale(), "skipped_steps": window.skipped} if scaler.is_enabled() else {}),
         }
         window_steps, window = 0, StepLoss()
 
@@ -119,7 +122,7 @@ def train_loop(worker: WorkerConfig) -> None:
             print("[longtune] " + "  ".join(_fmt(k, v) for k, v in metrics.items()))
         if checkpoint_now and rank == 0:
             with tempfile.TemporaryDirectory() as directory:
-                write_checkpoint(directory, model, optimizer, scheduler, state, config_yaml, hooks)
+                write_checkpoint(directory, model, optimizer, scheduler, state, config_yaml, hooks, scaler)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         else:
             ray.train.report(metrics)
@@ -143,13 +146,16 @@ def _quiet_report_log() -> None:
     getattr(context, "logger", logging.getLogger(context.__file__)).setLevel(logging.WARNING)
 
 
-def build_model(config: Config, model_path: str, device):
-    """Base model -> longer context (position interpolation) -> adapter -> attention."""
+def build_model(config: Config, model_path: str, device, precision: Precision | None = None):
+    """Base model (weights in ``precision.weights``, resolved from the config by default) ->
+    longer context (position interpolation) -> adapter, its trained parameters in fp32 ->
+    attention."""
     from longtune.adapters import apply_adapter
     from longtune.attention import use_s2_attention
     from longtune.models import load_model
 
-    model, _ = load_model(config.model, on_gpu=device.type == "cuda", path=model_path)
+    precision = precision or resolve_precision(config.model, config.train, device.type)
+    model, _ = load_model(config.model, on_gpu=device.type == "cuda", path=model_path, dtype=precision.weights)
     model = apply_adapter(model, config.adapter, config.train.max_steps)
     if config.attention.type == "s2":
         a = config.attention
@@ -173,10 +179,12 @@ class StepLoss:
 
     loss_sum: float = 0.0  # summed token cross-entropies
     tokens: int = 0  # the target tokens they were summed over
+    skipped: int = 0  # optimizer steps fp16's loss scaling skipped (inf/nan gradients)
 
     def __iadd__(self, other: StepLoss) -> StepLoss:
         self.loss_sum += other.loss_sum
         self.tokens += other.tokens
+        self.skipped += other.skipped
         return self
 
     @property
@@ -185,7 +193,8 @@ class StepLoss:
 
 
 def optimizer_step(model, micro_batches: list[dict[str, torch.Tensor]], params, optimizer, scheduler,
-                   config: Config, autocast, hooks=None, step: int | None = None) -> StepLoss:
+                   config: Config, autocast, hooks=None, step: int | None = None,
+                   scaler: torch.amp.GradScaler | None = None) -> StepLoss:
     """One optimizer step over ``micro_batches`` (train.grad_accum_steps batches of blocks,
     on the worker's device); returns this rank's language-model loss as sums (an adapter's
     extra loss, e.g. LoRA²'s orthogonality penalty, is trained on but not included).
@@ -195,9 +204,12 @@ def optimizer_step(model, micro_batches: list[dict[str, torch.Tensor]], params, 
     all-reduce per step), so a padded block weighs only its real tokens. ``model`` may be a
     DDP wrapper, which averages gradients over ranks (hence the world-size factor) and syncs
     on the last micro-batch only. ``hooks`` (``longtune.adapters.training_hooks``) run with
-    ``step``, this step's number counted from 1, after the optimizer step, before zero_grad."""
+    ``step``, this step's number counted from 1, after the optimizer step, before zero_grad.
+    ``scaler`` (fp16: ``Precision.grad_scaler_for``) scales the loss; a step it skips for
+    inf/nan gradients does not reach the hooks (LoRA²'s allocator would read them)."""
     inputs = [block_inputs(batch) for batch in micro_batches]
     device = inputs[0][0].device
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)  # passes everything through
     local_tokens = sum(target_count(labels) for _, _, labels in inputs)
     (global_tokens,) = all_reduce_sum([local_tokens], device)
     scale = world_size() / max(global_tokens, 1.0)
@@ -212,12 +224,14 @@ def optimizer_step(model, micro_batches: list[dict[str, torch.Tensor]], params, 
             extra = hooks.extra_loss() if hooks is not None else None
             if extra is not None:
                 objective = objective + extra / len(inputs)
-            objective.backward()
+            scaler.scale(objective).backward()
         result.loss_sum += loss_sum.item()
+    scaler.unscale_(optimizer)  # before clipping: the true gradient norm
     if config.train.max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(params, config.train.max_grad_norm)
-    optimizer.step()
-    if hooks is not None:
+    stepped = step_optimizer(scaler, optimizer)
+    result.skipped = int(not stepped)
+    if hooks is not None and stepped:
         hooks.after_optimizer_step(step)
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -282,17 +296,6 @@ class _EvalBlocks:
                 total += StepLoss(token_loss_sum(model, ids, positions, labels).item(), target_count(labels))
         model.train()
         return {"eval_loss": total.mean, "eval_ppl": math.exp(total.mean)}
-
-
-def autocast_for(config: Config, device):
-    precision = config.train.precision
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if precision == "bf16" or cpu_has_bf16():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def _peak_memory_mb(device) -> float:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from longtune.config import Config, ConfigError, load_config
+from longtune.errors import LongtuneError, one_line
 
 
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+=")
@@ -59,7 +60,7 @@ COMMANDS: tuple[Command, ...] = (
         "finetune",
         "extend a model's context with LongLoRA / LoRA² on Ray Train",
         5,
-        "longtune.train.trainer:finetune_command",
+        "longtune.finetune:finetune_command",
     ),
     Command(
         "evaluate",
@@ -159,15 +160,36 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides look like KEY=VALUE)")
     args.overrides = overrides + extra  # undotted KEY=VALUE words reach the config's own error
-    try:
+
+    def resolve_and_run() -> int:
         config = resolve_config(args, cmd)
         if args.print_config:
             sys.stdout.write(config.to_yaml())
             return 0
         return run_command(cmd, config)
+
+    return _exit_code(cmd, resolve_and_run)
+
+
+def run_job(name: str, config: Config) -> int:
+    """Run the job ``name`` on ``config`` as the command line does: its exit code, and one
+    line on stderr for an error the user can fix."""
+    cmd = next(c for c in COMMANDS if c.name == name)
+    return _exit_code(cmd, lambda: run_command(cmd, config))
+
+
+def _exit_code(cmd: Command, body: Callable[[], int]) -> int:
+    """``body()``'s exit code; every error a user can fix is caught here, once: one line on
+    stderr and exit 2 (a config error, an unfinished command) or 1 (any other LongtuneError:
+    data, model, training, evaluation, export, search)."""
+    try:
+        return body()
     except ConfigError as err:
-        print(f"longtune {cmd.name}: config error: {err}", file=sys.stderr)
+        print(f"longtune {cmd.name}: config error: {one_line(err)}", file=sys.stderr)
         return 2
+    except LongtuneError as err:
+        print(f"longtune {cmd.name}: {one_line(err)}", file=sys.stderr)
+        return 1
     except NotImplementedYet as err:
         print(str(err), file=sys.stderr)
         return 2

@@ -13,11 +13,14 @@ Ray or any model is touched.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from longtune.errors import LongtuneError
 
 SEED_MODEL = "longtune/seed"
 """Model name that selects the small Llama longtune builds itself (the embedded default)."""
@@ -26,7 +29,21 @@ STDLIB_CORPUS = "stdlib"
 """Data source that selects the Python standard library's own source files."""
 
 
-class ConfigError(ValueError):
+OUTPUTS_DIR = "outputs"
+"""Where jobs write when their config names no place (relative to the working directory)."""
+
+
+def outputs_path(*parts: str) -> Path:
+    """``outputs/<parts...>``: a job's output directory when its config names none."""
+    return Path(OUTPUTS_DIR, *parts)
+
+
+def default_run_name(job: str) -> str:
+    """``<job>-<date>-<time>``: the name of a run or search when its config names none."""
+    return f"{job}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+class ConfigError(LongtuneError, ValueError):
     """A configuration problem, worded for the user in one line."""
 
 
@@ -288,6 +305,9 @@ class TrainConfig(_Section):
         "Multi-node runs need shared storage.",
     )
     max_failures: int = Field(2, ge=-1, description="Worker restarts before the run fails.")
+    keep_checkpoints: int = Field(
+        2, gt=0, description="Checkpoints kept per run, the newest (a resume needs the last one)."
+    )
 
     @field_validator("betas")
     @classmethod

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +44,8 @@ import yaml
 from pydantic import ValidationError
 
 from longtune.atomic import publish_dir
-from longtune.config import SEED_MODEL, Config, ConfigError, ModelConfig
+from longtune.config import SEED_MODEL, Config, ModelConfig, outputs_path
+from longtune.errors import LongtuneError, one_line
 
 MARKER = "longtune_export.json"
 """The file that makes a directory a longtune export (and so replaceable by the next one)."""
@@ -57,7 +57,7 @@ MERGE_ATOL = 1e-3
 """Largest |merged - adapted| logit difference (fp32, before the cast) accepted."""
 
 
-class ExportError(RuntimeError):
+class ExportError(LongtuneError, RuntimeError):
     """The export cannot be done as configured; the message says why and what to change."""
 
 
@@ -104,14 +104,14 @@ def export_model(config: Config, *, console=None) -> Path:
         base, info = load_model(fp32, for_training=False, path=base_path)
         tokenizer = load_tokenizer_for(m)
     except (OSError, ValueError) as err:  # ModelError is a ValueError
-        raise ExportError(f"cannot load the base model {m.name_or_path!r}: {_one_line(err)}") from None
+        raise ExportError(f"cannot load the base model {m.name_or_path!r}: {one_line(err)}") from None
     base.eval()
     tied_before = _tied(base)
     try:
         adapted = load_adapter(base, source.adapter_dir)
     except (OSError, ValueError, RuntimeError) as err:  # missing, not PEFT, or shapes that do not fit
         raise ExportError(
-            f"cannot apply adapter {str(source.adapter_dir)!r} to {m.name_or_path!r}: {_one_line(err)}"
+            f"cannot apply adapter {str(source.adapter_dir)!r} to {m.name_or_path!r}: {one_line(err)}"
         ) from None
     adapted.eval()
 
@@ -164,15 +164,12 @@ def export_command(config: Config) -> int:
     from rich.console import Console
 
     console = Console(stderr=True)
-    try:
-        target = export_model(config, console=console)
-    except (ExportError, ConfigError) as err:
-        print(f"longtune export: {err}", file=sys.stderr)
-        return 1
+    target = export_model(config, console=console)  # an ExportError reaches the command line: exit 1
     record = json.loads((target / MARKER).read_text(encoding="utf-8"))
     console.print(
-        f"exported: {target} ({record['dtype']}, context {record['target_context']}, linear factor "
-        f"{record['rope_parameters'].get('factor', 1.0):g}, merge check max |diff| "
+        # the factor applied, not rope_parameters' top level (nested per layer type on Gemma 3)
+        f"exported: {target} ({record['dtype']}, context {record['target_context']}, positions "
+        f"interpolated x{record['interpolation_factor']:g}, merge check max |diff| "
         f"{record['merge_max_abs_diff']:.2g})",
         soft_wrap=True,
     )
@@ -217,7 +214,7 @@ def check_base(base_path: str, trust_remote_code: bool = False) -> None:
     try:
         AutoConfig.from_pretrained(base_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise ExportError(f"cannot load the base model {base_path!r}: {_one_line(err)}") from None
+        raise ExportError(f"cannot load the base model {base_path!r}: {one_line(err)}") from None
 
 
 def check_checkpoint_matches(config: Config, checkpoint_dir: Path, base_path: str) -> None:
@@ -256,7 +253,7 @@ def _checkpoint_model_config(path: Path) -> ModelConfig:
         section = raw.get("model") or {}
         return ModelConfig.model_validate({k: v for k, v in section.items() if k in ModelConfig.model_fields})
     except (OSError, yaml.YAMLError, AttributeError, ValidationError) as err:
-        raise ExportError(f"cannot read the model section of {path}: {_one_line(err)}") from None
+        raise ExportError(f"cannot read the model section of {path}: {one_line(err)}") from None
 
 
 def output_dir(config: Config, source: AdapterSource) -> Path:
@@ -268,7 +265,7 @@ def output_dir(config: Config, source: AdapterSource) -> Path:
         label = f"{source.checkpoint_dir.parent.name}-{source.checkpoint_dir.name}"
     else:
         label = source.adapter_dir.name
-    return Path("outputs/export", f"{base}-{config.model.target_context}-{label}").absolute()
+    return outputs_path("export", f"{base}-{config.model.target_context}-{label}").absolute()
 
 
 def check_replaceable(target: Path) -> None:
@@ -323,8 +320,3 @@ def _same_model(a: str, b: str) -> bool:
         return True
     pa, pb = Path(a).expanduser(), Path(b).expanduser()
     return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
-
-
-def _one_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__

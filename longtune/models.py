@@ -45,13 +45,14 @@ from typing import Any
 import torch
 
 from longtune.config import SEED_MODEL, ModelConfig
-from longtune.precision import cpu_has_bf16, resolve_precision  # noqa: F401  (cpu_has_bf16: old home)
+from longtune.errors import LongtuneError
+from longtune.precision import resolve_precision
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 COMPOSABLE = ("default", "linear", "llama3", "yarn")
 
 
-class ModelError(ValueError):
+class ModelError(LongtuneError, ValueError):
     """A model that cannot be loaded or extended as configured; the message says why."""
 
 

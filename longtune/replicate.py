@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import json
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from longtune.config import Config, with_overrides
+from longtune.config import Config, default_run_name, with_overrides
 
 TRAINED = {
     "LoRA + S2-Attn": {"adapter.type": "lora", "attention.type": "s2"},
@@ -53,15 +52,15 @@ def compare_trained(
     from longtune.eval.compare import comparison_table, score_here
     from longtune.models import model_path, original_context
     from longtune.runtime import init_ray, use_gpu
-    from longtune.train.trainer import finetune
+    from longtune.finetune import finetune
 
     console = console or Console(stderr=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = default_run_name(job)
     adapters, training = {}, {}
     for name, overrides in trained.items():
         slug = name.lower().replace(" + ", "-").replace("+", "plus").replace("²", "2").replace(" ", "-")
         run = with_overrides(config, {**overrides, "eval.before_after": False,
-                                      "train.run_name": f"{job}-{stamp}-{slug}"})
+                                      "train.run_name": f"{stamp}-{slug}"})
         console.rule(f"training {name}")
         result = finetune(run, console=console)
         adapters[name] = result.adapter_path
@@ -101,15 +100,12 @@ def _track(config: Config, results: dict[str, dict[str, float]], variants: dict,
     """One MLflow run for the comparison, one nested run per model."""
     if not config.tracking.enabled:
         return
-    from longtune.tracking import Tracker, resolved_config
+    from longtune.tracking import start_job_run
 
-    cfg = resolved_config(config.tracking)
-    parent = Tracker(cfg)
-    parent_id = parent.start_run(job, tags={"longtune.job": job})
-    parent.log_config(config)
+    parent = start_job_run(config, job, job=job)
     for name, metrics in results.items():
-        child = Tracker(cfg.model_copy(update={"system_metrics": False}))
-        child.start_run(name, parent_run_id=parent_id, tags={"longtune.job": job})
+        child = start_job_run(config, name, job=job, parent_run_id=parent.run_id, system_metrics=False,
+                              log_config=False)
         child.log_params({k: str(v) for k, v in variants[name].items()})
         child.log_metrics(metrics, 0)
         child.end_run("FINISHED")
@@ -121,16 +117,5 @@ def _track(config: Config, results: dict[str, dict[str, float]], variants: dict,
 
 
 def replicate_command(config: Config) -> int:
-    import sys
-
-    from longtune.data.errors import DataError
-    from longtune.eval import EvalError
-    from longtune.models import ModelError
-    from longtune.train.trainer import TrainingSetupError
-
-    try:
-        replicate(config)
-    except (TrainingSetupError, DataError, ModelError, EvalError) as err:
-        print(f"longtune replicate: {err}", file=sys.stderr)
-        return 1
+    replicate(config)
     return 0

@@ -46,6 +46,8 @@ DEFAULT_EXPERIMENT = "longtune"
 DEFAULT_DB_NAME = "mlflow.db"
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 PARENT_RUN_TAG = "mlflow.parentRunId"
+JOB_TAG = "longtune.job"  # finetune, evaluate, replicate, tune, tune-trial, ...
+RUN_NAME_TAG = "longtune.run_name"
 MAX_PARAM_VALUE = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 MAX_KEY = 250  # MAX_ENTITY_KEY_LENGTH
 PARAMS_PER_BATCH = 100  # MAX_PARAMS_TAGS_PER_BATCH
@@ -394,6 +396,73 @@ class Tracker:
             self._monitor = None
 
 
+# ---------------------------------------------------------------- a job's run
+
+
+def start_job_run(
+    config: "Config",
+    run_name: str,
+    *,
+    job: str,
+    parent_run_id: str | None = None,
+    run_id: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+    system_metrics: bool | None = None,
+    log_config: bool = True,
+) -> Tracker | None:
+    """The one way a longtune job starts its MLflow run (None with tracking off): on the
+    driver, in the store and experiment resolved here (absolute SQLite path), tagged with
+    the job and run name, with the job's config logged (``log_config``). ``parent_run_id``
+    nests it (a Tune trial under its search, a model under its comparison); ``run_id``
+    resumes that run. Workers attach with ``Tracker.attach(tracker.cfg, tracker.run_id)``."""
+    if not config.tracking.enabled:
+        return None
+    cfg = resolved_config(config.tracking)
+    if system_metrics is not None:
+        cfg = cfg.model_copy(update={"system_metrics": system_metrics})
+    tracker = Tracker(cfg)
+    tracker.start_run(
+        run_name, parent_run_id=parent_run_id, run_id=run_id,
+        tags={JOB_TAG: job, RUN_NAME_TAG: run_name, **(tags or {})},
+    )
+    if log_config:
+        tracker.log_config(config)
+    return tracker
+
+
+def find_run(cfg: TrackingConfig, tags: Mapping[str, str]) -> str | None:
+    """The newest run of ``cfg``'s experiment carrying every one of ``tags`` (e.g. a search's
+    run found again on resume), or None."""
+    probe = Tracker(resolved_config(cfg))
+    experiment = probe.client.get_experiment_by_name(probe.experiment_name)
+    if experiment is None:
+        return None
+    wanted = {k: str(v) for k, v in tags.items()}
+    # MLflow's filter strings cannot quote a quote: such values are matched here instead
+    plain = {k: v for k, v in wanted.items() if "'" not in v and "`" not in k}
+    runs = probe.client.search_runs(
+        [experiment.experiment_id],
+        filter_string=" and ".join(f"tags.`{k}` = '{v}'" for k, v in plain.items()),
+        order_by=["attributes.start_time DESC"],
+        max_results=1 if plain == wanted else 1000,
+    )
+    for run in runs:
+        if all(run.data.tags.get(k) == v for k, v in wanted.items()):
+            return run.info.run_id
+    return None
+
+
+def loss_curves(tracker: Tracker) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) series of train and eval loss, from the run's MLflow history (Ray
+    Train V2's Result keeps only the metrics reported with checkpoints)."""
+    out = {}
+    for name, metric in (("train", "loss"), ("eval", "eval_loss")):
+        history = tracker.client.get_metric_history(tracker.run_id, metric)
+        if history:
+            out[name] = [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)]
+    return out
+
+
 # ---------------------------------------------------------------- helpers
 
 
@@ -488,9 +557,12 @@ __all__ = [
     "PARENT_RUN_TAG",
     "RUN_STATUSES",
     "Tracker",
+    "find_run",
+    "loss_curves",
     "param_value",
     "plot_loss_curve",
     "resolve_experiment",
     "resolve_tracking_uri",
     "resolved_config",
+    "start_job_run",
 ]

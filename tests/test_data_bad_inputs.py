@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from longtune.config import from_dict
-from longtune.data import DataError, prepare, prepare_command
+from longtune.cli import run_job
+from longtune.data import DataError, prepare
 from longtune.data.manifest import MANIFEST_NAME
 
 L = 32
@@ -100,14 +101,14 @@ def test_the_output_of_a_job_with_bad_files_is_complete(bad_run):
 
 
 def test_warnings_and_the_summary_name_the_files(bad_corpus, tiny_tokenizer_path, tmp_path, ray_local, capsys):
-    assert prepare_command(config(tmp_path, tiny_tokenizer_path, [str(bad_corpus)])) == 0
+    assert run_job("prepare", config(tmp_path, tiny_tokenizer_path, [str(bad_corpus)])) == 0
     shown = capsys.readouterr().out
     assert "warning" in shown and "latin1.txt" in shown and "enormous.txt" in shown
 
 
 def test_a_missing_path_stops_before_ray_with_its_name(tmp_path, tiny_tokenizer_path, capsys):
     missing = tmp_path / "no-such-dir"
-    assert prepare_command(config(tmp_path, tiny_tokenizer_path, [str(missing)])) == 1
+    assert run_job("prepare", config(tmp_path, tiny_tokenizer_path, [str(missing)])) == 1
     err = capsys.readouterr().err
     assert err.startswith("longtune prepare: ") and f"source '{missing}' does not exist" in err
 

@@ -35,7 +35,7 @@ def mlflow_run(tmp_path: Path, run_id: str):
 
 
 def test_two_worker_run_checkpoints_and_tracks(ray_local, tmp_path, tiny_model_dir, corpus_dir):
-    from longtune.train.trainer import finetune
+    from longtune.finetune import finetune
 
     config = make_config(tmp_path, tiny_model_dir, corpus_dir, "train.max_steps=4", "train.run_name=basic",
                          "eval.before_after=true")
@@ -113,7 +113,7 @@ def test_resume_continues_exactly_where_it_stopped(ray_local, tmp_path, tiny_mod
     from safetensors.torch import load_file
 
     from longtune.train.probes import RecordBlocks, read_records
-    from longtune.train.trainer import finetune
+    from longtune.finetune import finetune
 
     def run(name, steps):
         # small packing batches: many bundles from parallel tasks, finishing in any order
@@ -147,7 +147,7 @@ def test_resume_continues_exactly_where_it_stopped(ray_local, tmp_path, tiny_mod
 
 def test_killed_worker_restarts_from_the_last_checkpoint(ray_local, tmp_path, tiny_model_dir, corpus_dir):
     from longtune.train.probes import KillOnce
-    from longtune.train.trainer import finetune
+    from longtune.finetune import finetune
 
     config = make_config(tmp_path, tiny_model_dir, corpus_dir, "train.max_steps=8",
                          "train.run_name=faulty", "train.max_failures=1")
@@ -167,7 +167,8 @@ def test_killed_worker_restarts_from_the_last_checkpoint(ray_local, tmp_path, ti
 
 
 def test_not_enough_cpus_fails_fast(ray_local, tmp_path, tiny_model_dir, corpus_dir):
-    from longtune.train.trainer import TrainingSetupError, finetune
+    from longtune.finetune import finetune
+    from longtune.train.trainer import TrainingSetupError
 
     config = make_config(tmp_path, tiny_model_dir, corpus_dir, "scaling.num_workers=8",
                          "scaling.cpus_per_worker=1")
@@ -176,7 +177,8 @@ def test_not_enough_cpus_fails_fast(ray_local, tmp_path, tiny_model_dir, corpus_
 
 
 def test_fsdp_is_refused_with_the_reason(ray_local, tmp_path, tiny_model_dir, corpus_dir):
-    from longtune.train.trainer import TrainingSetupError, finetune
+    from longtune.finetune import finetune
+    from longtune.train.trainer import TrainingSetupError
 
     config = make_config(tmp_path, tiny_model_dir, corpus_dir, "train.strategy=fsdp")
     with pytest.raises(TrainingSetupError, match="fsdp is not supported yet with adapters"):
@@ -184,7 +186,8 @@ def test_fsdp_is_refused_with_the_reason(ray_local, tmp_path, tiny_model_dir, co
 
 
 def test_eval_settings_that_would_fail_after_training_fail_before_it(ray_local, tmp_path, tiny_model_dir, corpus_dir):
-    from longtune.train.trainer import TrainingSetupError, finetune
+    from longtune.finetune import finetune
+    from longtune.train.trainer import TrainingSetupError
 
     config = make_config(tmp_path, tiny_model_dir, corpus_dir, "eval.before_after=true",
                          "eval.passkey_trials=1", "eval.passkey_lengths=[16]", "train.run_name=early")
@@ -219,7 +222,7 @@ def test_lora2_trains_on_two_workers_with_s2_and_prunes_to_target(ray_local, tmp
     from longtune.adapters import load_adapter
     from longtune.adapters.lora2 import lora2_layers
     from longtune.models import load_model
-    from longtune.train.trainer import finetune
+    from longtune.finetune import finetune
 
     config = make_config(tmp_path, tiny_model_dir, corpus_dir, "train.max_steps=6", "train.run_name=lora2",
                          "adapter.type=lora2", "adapter.rank=4", "adapter.lora2.outer_rank=4",

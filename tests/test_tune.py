@@ -192,7 +192,7 @@ def test_nothing_reserved_after_the_search(search):
 
 @pytest.mark.slow
 def test_best_config_yaml_trains(search, tmp_path):
-    from longtune.train.trainer import finetune
+    from longtune.finetune import finetune
 
     path = Path(search.result.output_dir) / "best_config.yaml"
     config = load_config(path, ["train.max_steps=2", "train.run_name=from-best"])

@@ -1,5 +1,7 @@
 """The one exception type of longtune.data."""
 
+from longtune.errors import LongtuneError
 
-class DataError(ValueError):
+
+class DataError(LongtuneError, ValueError):
     """A data problem worded for the user in one line that names the file or path."""

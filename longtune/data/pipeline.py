@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ import ray
 from ray.data import ActorPoolStrategy, Datasink
 
 from longtune.atomic import swap_into_place
-from longtune.config import Config
+from longtune.config import Config, outputs_path
 from longtune.data.errors import DataError
 from longtune.data.manifest import (
     FORMAT,
@@ -273,7 +272,7 @@ class PreparedSink(Datasink):
 def default_output(config: Config) -> str:
     """outputs/prepared/<tokenizer>-<context_length>, where data.prepared_path is unset."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", tokenizer_name(config)).strip("-")
-    return str(Path("outputs") / "prepared" / f"{slug}-{config.context_length}")
+    return str(outputs_path("prepared", f"{slug}-{config.context_length}"))
 
 
 _OURS = re.compile(r"(manifest\.json|(train|eval)(/part-[0-9a-f]+-\d+\.parquet)?)")
@@ -460,10 +459,6 @@ def _report(manifest: dict[str, Any], console) -> None:
 
 
 def prepare_command(config: Config) -> int:
-    """`longtune prepare`: exit code 0, or 1 with one line on stderr for a DataError."""
-    try:
-        prepare(config)
-    except DataError as err:
-        print(f"longtune prepare: {err}", file=sys.stderr)
-        return 1
+    """`longtune prepare` (a DataError reaches the command line: one line, exit code 1)."""
+    prepare(config)
     return 0

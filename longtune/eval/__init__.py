@@ -10,21 +10,16 @@ table, MLflow metrics and plots (``report``). One process, one device, no Ray.
 
 from __future__ import annotations
 
-
-class EvalError(ValueError):
-    """An evaluation that cannot run as configured (no held-out text, a stride longer than a
-    length, ...); the message says why in one line."""
-
-
-from longtune.eval.passkey import PasskeyReport, passkey_retrieval  # noqa: E402
-from longtune.eval.perplexity import (  # noqa: E402
+from longtune.eval.errors import EvalError
+from longtune.eval.passkey import PasskeyReport, passkey_retrieval
+from longtune.eval.perplexity import (
     PerplexityReport,
     full_attention_eval,
     load_eval_documents,
     perplexity,
     plan_spans,
 )
-from longtune.eval.report import EvalReport, evaluate_command, evaluate_model, run_evaluation  # noqa: E402
+from longtune.eval.report import EvalReport, evaluate_command, evaluate_model, run_evaluation
 
 __all__ = [
     "EvalError",

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from longtune.data.passkey import PasskeyDocument, passkey_documents
-from longtune.eval import EvalError
+from longtune.eval.errors import EvalError
 from longtune.eval.perplexity import _device_of, _progress, full_attention_eval
 
 _NUMBER = re.compile(r"\d+")

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 import torch
 
 from longtune.config import Config
-from longtune.eval import EvalError
+from longtune.eval.errors import EvalError
 
 
 # ---------------------------------------------------------------- spans

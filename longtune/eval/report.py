@@ -19,15 +19,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from longtune.config import SEED_MODEL, Config
-from longtune.eval import EvalError
+from longtune.config import SEED_MODEL, Config, default_run_name
+from longtune.errors import one_line
+from longtune.eval.errors import EvalError
 from longtune.eval.passkey import PasskeyReport, passkey_retrieval
 from longtune.eval.perplexity import PerplexityReport, load_eval_documents, perplexity
 
@@ -243,14 +242,7 @@ def log_report(tracker, report: EvalReport) -> None:
 def evaluate_command(config: Config) -> int:
     from rich.console import Console
 
-    from longtune.data.errors import DataError
-    from longtune.models import ModelError
-
-    try:
-        evaluate(config, console=Console(stderr=True), out=Console())
-    except (EvalError, DataError, ModelError) as err:
-        print(f"longtune evaluate: {_one_line(err)}", file=sys.stderr)
-        return 1
+    evaluate(config, console=Console(stderr=True), out=Console())
     return 0
 
 
@@ -335,22 +327,14 @@ def _with_adapter(model, path: str):
     try:
         return load_adapter(model, Path(path).expanduser(), trainable=False)
     except (FileNotFoundError, ValueError) as exc:
-        raise EvalError(f"cannot load the adapter in {path!r}: {_one_line(exc)}") from None
+        raise EvalError(f"cannot load the adapter in {path!r}: {one_line(exc)}") from None
 
 
 def _start_tracking(config: Config, info: dict[str, Any]):
-    if not config.tracking.enabled:
-        return None
-    from longtune.tracking import Tracker, resolved_config
+    from longtune.tracking import start_job_run
 
-    run_name = f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}"
-    tracker = Tracker(resolved_config(config.tracking))
-    tracker.start_run(run_name, tags={"longtune.job": "evaluate", "longtune.run_name": run_name})
-    tracker.log_config(config)
+    tracker = start_job_run(config, default_run_name("evaluate"), job="evaluate")
+    if tracker is None:
+        return None
     tracker.log_params({f"resolved.{k}": v for k, v in info.items()})
     return tracker
-
-
-def _one_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__

@@ -1,35 +1,28 @@
-"""The driver side of `longtune finetune`: check, set up and run a Ray Train TorchTrainer.
+"""The driver side of a training run (finetune, each Tune trial, replicate's models): set
+up, build and fit a Ray Train TorchTrainer whose workers run ``train.loop.train_loop``.
 
-Reads top to bottom: resolve the model (building the seed model once) -> join or start Ray
--> check resources and storage (fail fast, never hang) -> open the data -> start the MLflow
-run -> fit -> log the adapter and curves -> say where everything is.
+    setup = setup_driver(config)        # model (the seed built once), Ray, resources, storage
+    datasets, has_eval = open_datasets(config)
+    trainer = build_trainer(config, setup, run_name=..., datasets=datasets, has_eval=has_eval)
+    result = fit(trainer, run_name, tracker)   # a Ray Train Result with a final checkpoint
+
+Every check fails fast with a TrainingSetupError that says what to change, never a hang.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from longtune.config import Config
+from longtune.config import Config, outputs_path
+from longtune.errors import LongtuneError, root_cause
 
 
-class TrainingSetupError(RuntimeError):
+class TrainingSetupError(LongtuneError, RuntimeError):
     """The run cannot start as configured; the message says why and what to change."""
-
-
-@dataclass
-class FinetuneResult:
-    run_name: str
-    checkpoint_path: str  # the final checkpoint (adapter/, optimizer.pt, state.json, ...)
-    adapter_path: str
-    metrics: dict[str, Any]
-    mlflow_run_id: str | None
-    tracking_uri: str | None
 
 
 @dataclass
@@ -121,7 +114,7 @@ def build_trainer(
             name=run_name,
             storage_path=storage or setup.storage,
             failure_config=FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             callbacks=callbacks,
         ),
         datasets=datasets,
@@ -144,38 +137,10 @@ def ingest_config():
     return DataConfig(datasets_to_split=["train"], execution_options=options)
 
 
-def finetune(config: Config, *, console=None, probes: tuple = ()) -> FinetuneResult:
-    from rich.console import Console
-
-    console = console or Console(stderr=True)
-    s, t = config.scaling, config.train
-
-    # ---------------------------------------------------------------- model, Ray, resources
-    setup = setup_driver(config)
-    run_name = t.run_name or f"longtune-{time.strftime('%Y%m%d-%H%M%S')}"
-    storage = setup.storage
-
-    if config.eval.before_after:  # fail now, not after training, on settings it would reject
-        _check_eval_settings(config)
-
-    # ---------------------------------------------------------------- data
-    datasets, has_eval = open_datasets(config)
-
-    # ---------------------------------------------------------------- tracking
-    tracker = start_tracking(config, run_name)
-    run_id = tracker.run_id if tracker else None
-
-    # ---------------------------------------------------------------- fit
-    trainer = build_trainer(
-        config, setup, run_name=run_name, datasets=datasets, has_eval=has_eval, tracker=tracker,
-        probes=probes,
-    )
-    console.print(
-        f"[bold]longtune finetune[/] run [cyan]{run_name}[/]: {config.model.name_or_path} -> "
-        f"{config.model.target_context} tokens, {config.adapter.type} r={config.adapter.rank}, "
-        f"attention={config.attention.type}, {s.num_workers} worker(s){' on GPU' if setup.use_gpu else ''}, "
-        f"{t.max_steps} steps; checkpoints in {storage}/{run_name}"
-    )
+def fit(trainer, run_name: str, tracker=None):
+    """Run ``trainer`` to the end: its Ray Train Result, which has a final checkpoint. A
+    failure ends the MLflow run FAILED (KILLED on Ctrl-C) and is raised as a
+    TrainingSetupError naming the run and the error at its root."""
     try:
         result = trainer.fit()
     except BaseException as exc:
@@ -188,52 +153,7 @@ def finetune(config: Config, *, console=None, probes: tuple = ()) -> FinetuneRes
         if tracker:
             tracker.end_run("FAILED")
         raise TrainingSetupError(f"training run {run_name} ended without a checkpoint")
-
-    # ---------------------------------------------------------------- before / after
-    comparison = None
-    if config.eval.before_after:
-        comparison = _before_and_after(config, setup.model_path, result.checkpoint, setup.use_gpu, setup.ray)
-        console.print(_comparison_table(config, comparison))
-        if tracker:
-            tracker.log_metrics(comparison["before training"], 0)
-            tracker.log_metrics(comparison["after training"], t.max_steps)
-
-    # ---------------------------------------------------------------- artifacts
-    checkpoint_path = result.checkpoint.path
-    adapter_path = f"{checkpoint_path.rstrip('/')}/adapter"
-    metrics = dict(result.metrics or {})
-    if comparison:
-        metrics.update({f"{k}_before": v for k, v in comparison["before training"].items()})
-        metrics.update(comparison["after training"])
-    if tracker:
-        with result.checkpoint.as_directory() as local:
-            tracker.log_artifact(Path(local) / "adapter", "adapter")
-        tracker.log_loss_curve(curves(tracker, run_id))
-        tracker.end_run("FINISHED")
-    return FinetuneResult(
-        run_name=run_name,
-        checkpoint_path=checkpoint_path,
-        adapter_path=adapter_path,
-        metrics=metrics,
-        mlflow_run_id=run_id,
-        tracking_uri=tracker.tracking_uri if tracker else None,
-    )
-
-
-def finetune_command(config: Config) -> int:
-    from rich.console import Console
-
-    from longtune.data.errors import DataError
-    from longtune.models import ModelError
-
-    console = Console(stderr=True)
-    try:
-        result = finetune(config, console=console)
-    except (TrainingSetupError, DataError, ModelError) as err:
-        print(f"longtune finetune: {err}", file=sys.stderr)
-        return 1
-    _print_summary(result, console)
-    return 0
+    return result
 
 
 # -------------------------------------------------------------------- helpers
@@ -271,7 +191,7 @@ def _storage_path(configured: str | None, ray) -> str:
     """Where Ray Train persists checkpoints. A multi-node cluster needs shared storage."""
     if configured and "://" in configured:
         return configured
-    local = Path(configured or "outputs/ray").expanduser().resolve()
+    local = Path(configured or outputs_path("ray")).expanduser().resolve()
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) > 1 and os.environ.get("LONGTUNE_STORAGE_IS_SHARED") != "1":
         raise TrainingSetupError(
@@ -281,101 +201,3 @@ def _storage_path(configured: str | None, ray) -> str:
         )
     local.mkdir(parents=True, exist_ok=True)
     return str(local)
-
-
-def start_tracking(
-    config: Config,
-    run_name: str,
-    *,
-    job: str = "finetune",
-    parent_run_id: str | None = None,
-    run_id: str | None = None,
-    tags: dict[str, Any] | None = None,
-    system_metrics: bool | None = None,
-):
-    """The job's MLflow run, started here on the driver (or resumed, with ``run_id``); rank 0
-    attaches to it. The resolved tracking config (absolute SQLite path) lets workers write to
-    the same store. ``parent_run_id`` nests it (a Tune trial under its search)."""
-    if not config.tracking.enabled:
-        return None
-    from longtune.tracking import Tracker, resolved_config
-
-    cfg = resolved_config(config.tracking)
-    if system_metrics is not None:
-        cfg = cfg.model_copy(update={"system_metrics": system_metrics})
-    tracker = Tracker(cfg)
-    tracker.start_run(
-        run_name, parent_run_id=parent_run_id, run_id=run_id,
-        tags={"longtune.run_name": run_name, "longtune.job": job, **(tags or {})},
-    )
-    tracker.log_config(config)
-    return tracker
-
-
-def curves(tracker, run_id: str) -> dict[str, list[tuple[int, float]]]:
-    """(step, value) series of train and eval loss, from the run's MLflow history (Ray
-    Train V2's Result keeps only the metrics reported with checkpoints)."""
-    curves = {}
-    for name, metric in (("train", "loss"), ("eval", "eval_loss")):
-        history = tracker.client.get_metric_history(run_id, metric)
-        if history:
-            curves[name] = [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)]
-    return curves
-
-
-def _before_and_after(config: Config, model_path: str, checkpoint, use_gpu: bool, ray):
-    """Score base and tuned model in a Ray task on the job's kind of device, not on the
-    driver (which, on a cluster, may have no GPU)."""
-    from longtune.eval.compare import before_and_after
-
-    task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(before_and_after)
-    try:
-        return ray.get(task.remote(config, model_path, checkpoint))
-    except Exception as exc:  # training succeeded; say why scoring did not
-        raise TrainingSetupError(f"scoring the tuned model failed: {root_cause(exc)}") from exc
-
-
-def _check_eval_settings(config: Config) -> None:
-    from longtune.eval import EvalError
-    from longtune.eval.compare import check_eval_settings
-    from longtune.models import load_tokenizer_for
-
-    try:
-        check_eval_settings(config, load_tokenizer_for(config.model))
-    except EvalError as err:
-        raise TrainingSetupError(f"{err} (or set eval.before_after=false)") from None
-
-
-def _comparison_table(config: Config, comparison: dict[str, dict[str, float]]):
-    from longtune.eval.compare import comparison_table
-
-    return comparison_table(comparison, config.eval.lengths, "held-out perplexity, full attention")
-
-
-def root_cause(exc: BaseException) -> str:
-    while True:  # through `raise ... from` chains and Ray's task/actor error wrappers
-        inner = exc.__cause__ or getattr(exc, "cause", None)
-        if not isinstance(inner, BaseException) or inner is exc:
-            break
-        exc = inner
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[-1] if text else ''}"
-
-
-def _print_summary(result: FinetuneResult, console) -> None:
-    from rich.table import Table
-
-    table = Table(title=f"longtune finetune: {result.run_name}", show_header=False)
-    for key in ("step", "loss", "eval_loss", "eval_ppl", "tokens_per_s", "peak_memory_mb"):
-        if key in result.metrics:
-            table.add_row(key, f"{result.metrics[key]:.4g}")
-    console.print(table)
-    # paths and commands in full, outside the table, so they can be copied
-    console.print(f"adapter:    {result.adapter_path}", soft_wrap=True)
-    console.print(f"checkpoint: {result.checkpoint_path}", soft_wrap=True)
-    if result.mlflow_run_id:
-        console.print(f"MLflow run: {result.mlflow_run_id} in {result.tracking_uri}", soft_wrap=True)
-        from longtune.tracking import ui_hint
-
-        console.print(ui_hint(result.tracking_uri), soft_wrap=True)
-    console.print(f"Relaunch with train.run_name={result.run_name} to resume this run.", soft_wrap=True)

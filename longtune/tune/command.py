@@ -7,7 +7,6 @@ from __future__ import annotations
 import sys
 
 from longtune.config import Config
-from longtune.tune.resources import TuneSetupError
 from longtune.tune.results import params_text, results_table
 from longtune.tune.search import tune
 
@@ -15,16 +14,8 @@ from longtune.tune.search import tune
 def tune_command(config: Config) -> int:
     from rich.console import Console
 
-    from longtune.data.errors import DataError
-    from longtune.models import ModelError
-    from longtune.train.trainer import TrainingSetupError
-
     console = Console(stderr=True)
-    try:
-        result = tune(config, console=console)
-    except (TuneSetupError, TrainingSetupError, DataError, ModelError) as err:
-        print(f"longtune tune: {err}", file=sys.stderr)
-        return 1
+    result = tune(config, console=console)  # a LongtuneError reaches the command line (exit 1)
     # the table is read in logs and `ray job logs` too, where rich would assume 80 columns
     Console(stderr=True, width=max(console.width, 110)).print(results_table(config, result))
     for row in result.rows:

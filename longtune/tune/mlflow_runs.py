@@ -10,6 +10,9 @@ from longtune.config import Config
 if TYPE_CHECKING:
     from longtune.tune.results import TrialRow, TuneResult
 
+TUNE_NAME_TAG = "longtune.tune_name"
+TRIAL_ID_TAG = "longtune.tune_trial_id"
+
 
 def with_resolved_tracking(config: Config) -> Config:
     """The config trials get: the MLflow store and experiment written in, as the driver
@@ -27,35 +30,18 @@ def parent_tracker(config: Config, name: str, experiment_path: str):
     a new one. Params: the job's config (the search space included); tags name the search."""
     if not config.tracking.enabled:
         return None
-    from longtune.tracking import Tracker, resolved_config
-    from longtune.train.trainer import start_tracking
+    from longtune.tracking import JOB_TAG, find_run, start_job_run
 
-    probe = Tracker(resolved_config(config.tracking))
-    experiment = probe.client.get_experiment_by_name(probe.experiment_name)
-    previous = None
-    if experiment is not None:
-        runs = probe.client.search_runs(
-            [experiment.experiment_id],
-            filter_string=f"tags.`longtune.job` = 'tune' and tags.`longtune.tune_name` = '{name}'",
-            order_by=["attributes.start_time DESC"], max_results=1,
-        )
-        previous = runs[0].info.run_id if runs else None
-    return start_tracking(config, name, job="tune", run_id=previous,
-                          tags={"longtune.tune_name": name, "longtune.tune_path": experiment_path})
+    previous = find_run(config.tracking, {JOB_TAG: "tune", TUNE_NAME_TAG: name})
+    return start_job_run(config, name, job="tune", run_id=previous,
+                         tags={TUNE_NAME_TAG: name, "longtune.tune_path": experiment_path})
 
 
 def child_run_id(config: Config, parent_run_id: str, trial_id: str) -> str | None:
-    from longtune.tracking import Tracker, resolved_config
+    """The nested run of ``trial_id`` under the search's run, if it has one already."""
+    from longtune.tracking import PARENT_RUN_TAG, find_run
 
-    probe = Tracker(resolved_config(config.tracking))
-    parent = probe.client.get_run(parent_run_id)
-    runs = probe.client.search_runs(
-        [parent.info.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and "
-        f"tags.`longtune.tune_trial_id` = '{trial_id}'",
-        max_results=1,
-    )
-    return runs[0].info.run_id if runs else None
+    return find_run(config.tracking, {PARENT_RUN_TAG: parent_run_id, TRIAL_ID_TAG: trial_id})
 
 
 def finish_child_runs(config: Config, rows: list[TrialRow], parent) -> None:
@@ -65,8 +51,7 @@ def finish_child_runs(config: Config, rows: list[TrialRow], parent) -> None:
     stopped by ASHA ends mid-run, with no chance to close its own run."""
     if parent is None:
         return
-    from longtune.tracking import Tracker
-    from longtune.train.trainer import curves
+    from longtune.tracking import Tracker, loss_curves
 
     for row in rows:
         run_id = child_run_id(config, parent.run_id, row.trial_id)
@@ -77,7 +62,7 @@ def finish_child_runs(config: Config, rows: list[TrialRow], parent) -> None:
         child.set_tags({"longtune.trial_outcome": row.outcome, **({"longtune.error": row.error} if row.error else {})})
         if row.objective is not None:
             child.log_metrics({f"final_{config.tune.metric}": row.objective, "steps_run": row.steps}, row.steps)
-        child.log_loss_curve(curves(child, run_id))
+        child.log_loss_curve(loss_curves(child))
         status = {"error": "FAILED", "unfinished": "KILLED"}.get(row.outcome, "FINISHED")
         child.client.set_terminated(run_id, status)
 

@@ -7,13 +7,14 @@ import math
 import os
 
 from longtune.config import Config, with_overrides
+from longtune.errors import LongtuneError
 
 TRIAL_CPUS = 1.0
 """Logical CPUs of a trial's own actor (the Train driver of that trial; Ray Tune's default).
 Together with the workers' CPUs it is what one trial holds."""
 
 
-class TuneSetupError(RuntimeError):
+class TuneSetupError(LongtuneError, RuntimeError):
     """The search cannot run as configured; the message says why and what to change."""
 
 

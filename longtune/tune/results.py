@@ -48,7 +48,7 @@ def trial_rows(config: Config, grid) -> tuple[list[TrialRow], bool]:
     after an interruption the in-memory trials read TERMINATED, the saved ones RUNNING."""
     from ray.tune import ExperimentAnalysis
 
-    from longtune.train.trainer import root_cause
+    from longtune.errors import root_cause
 
     analysis = ExperimentAnalysis(grid.experiment_path, storage_filesystem=grid.filesystem)
     status = {trial.trial_id: trial.status for trial in analysis.trials}

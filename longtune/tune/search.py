@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from pathlib import Path
 
-from longtune.config import Config, with_overrides
+from longtune.config import Config, default_run_name, outputs_path, with_overrides
 from longtune.tune.asha import scheduler
 from longtune.tune.cleanup import ReleaseTrialRuns, trial_run_registry
 from longtune.tune.data import prepare_search_data
@@ -40,7 +39,7 @@ def tune(config: Config, *, console=None, callbacks: list | None = None) -> Tune
     console = console or Console(stderr=True)
     t = config.tune
     check_search_space(config)
-    name = t.name or f"tune-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = t.name or default_run_name("tune")
     config = with_overrides(config, {"tune.name": name})
 
     # ---------------------------------------------------------------- driver, resources
@@ -116,7 +115,7 @@ def tune(config: Config, *, console=None, callbacks: list | None = None) -> Tune
     result.best = best_row(rows, t.mode)
     if result.best is not None:
         result.best_config = best_config(config, result.best.params)
-    result.output_dir = t.output_dir or str(Path("outputs") / "tune" / name)
+    result.output_dir = t.output_dir or str(outputs_path("tune", name))
     result.files = write_outputs(config, result)
     if parent:
         log_parent(parent, config, result)

@@ -15,7 +15,7 @@ from typing import Any
 
 from longtune.config import from_dict
 from longtune.tune.cleanup import record_run_callbacks, was_released
-from longtune.tune.mlflow_runs import child_run_id
+from longtune.tune.mlflow_runs import TRIAL_ID_TAG, TUNE_NAME_TAG, child_run_id
 from longtune.tune.space import trial_config
 
 
@@ -34,16 +34,17 @@ def run_trial(
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from longtune.train.trainer import build_trainer, start_tracking
+    from longtune.tracking import start_job_run
+    from longtune.train.trainer import build_trainer
 
     config = trial_config(from_dict(base), params)
     trial_id = ray.tune.get_context().get_trial_id()
     tracker = None
     if parent_run_id is not None:
-        tracker = start_tracking(
+        tracker = start_job_run(
             config, f"{search_name}-{trial_id}", job="tune-trial", parent_run_id=parent_run_id,
             run_id=child_run_id(config, parent_run_id, trial_id),  # a resumed trial continues its run
-            tags={"longtune.tune_name": search_name, "longtune.tune_trial_id": trial_id,
+            tags={TUNE_NAME_TAG: search_name, TRIAL_ID_TAG: trial_id,
                   **{f"longtune.param.{k}": v for k, v in params.items()}},
             system_metrics=False,  # rank 0 logs the workers' system metrics
         )

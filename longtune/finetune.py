@@ -1,0 +1,150 @@
+"""`longtune finetune`: extend a model's context on Ray Train, then show what it gained.
+
+Reads top to bottom: set up the driver (model, Ray, resources, storage: longtune.train) ->
+check the eval settings it would reject after training -> open the data -> start the MLflow
+run -> fit -> score the interpolated base and the tuned model on the same held-out text ->
+log the adapter and curves -> say where everything is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from longtune.config import Config, default_run_name
+from longtune.errors import root_cause
+from longtune.train.trainer import TrainingSetupError, build_trainer, fit, open_datasets, setup_driver
+
+
+@dataclass
+class FinetuneResult:
+    run_name: str
+    checkpoint_path: str  # the final checkpoint (adapter/, optimizer.pt, state.json, ...)
+    adapter_path: str
+    metrics: dict[str, Any]
+    mlflow_run_id: str | None
+    tracking_uri: str | None
+
+
+def finetune(config: Config, *, console=None, probes: tuple = ()) -> FinetuneResult:
+    from rich.console import Console
+
+    from longtune.tracking import loss_curves, start_job_run
+
+    console = console or Console(stderr=True)
+    s, t = config.scaling, config.train
+
+    # ---------------------------------------------------------------- model, Ray, resources
+    setup = setup_driver(config)
+    run_name = t.run_name or default_run_name("longtune")
+
+    if config.eval.before_after:  # fail now, not after training, on settings it would reject
+        _check_eval_settings(config)
+
+    # ---------------------------------------------------------------- data
+    datasets, has_eval = open_datasets(config)
+
+    # ---------------------------------------------------------------- tracking
+    tracker = start_job_run(config, run_name, job="finetune")
+
+    # ---------------------------------------------------------------- fit
+    trainer = build_trainer(
+        config, setup, run_name=run_name, datasets=datasets, has_eval=has_eval, tracker=tracker,
+        probes=probes,
+    )
+    console.print(
+        f"[bold]longtune finetune[/] run [cyan]{run_name}[/]: {config.model.name_or_path} -> "
+        f"{config.model.target_context} tokens, {config.adapter.type} r={config.adapter.rank}, "
+        f"attention={config.attention.type}, {s.num_workers} worker(s){' on GPU' if setup.use_gpu else ''}, "
+        f"{t.max_steps} steps; checkpoints in {setup.storage}/{run_name}"
+    )
+    result = fit(trainer, run_name, tracker)
+
+    # ---------------------------------------------------------------- before / after
+    comparison = None
+    if config.eval.before_after:
+        comparison = _before_and_after(config, setup.model_path, result.checkpoint, setup.use_gpu, setup.ray)
+        console.print(_comparison_table(config, comparison))
+        if tracker:
+            tracker.log_metrics(comparison["before training"], 0)
+            tracker.log_metrics(comparison["after training"], t.max_steps)
+
+    # ---------------------------------------------------------------- artifacts
+    checkpoint_path = result.checkpoint.path
+    metrics = dict(result.metrics or {})
+    if comparison:
+        metrics.update({f"{k}_before": v for k, v in comparison["before training"].items()})
+        metrics.update(comparison["after training"])
+    if tracker:
+        with result.checkpoint.as_directory() as local:
+            tracker.log_artifact(Path(local) / "adapter", "adapter")
+        tracker.log_loss_curve(loss_curves(tracker))
+        tracker.end_run("FINISHED")
+    return FinetuneResult(
+        run_name=run_name,
+        checkpoint_path=checkpoint_path,
+        adapter_path=f"{checkpoint_path.rstrip('/')}/adapter",
+        metrics=metrics,
+        mlflow_run_id=tracker.run_id if tracker else None,
+        tracking_uri=tracker.tracking_uri if tracker else None,
+    )
+
+
+def finetune_command(config: Config) -> int:
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    _print_summary(finetune(config, console=console), console)
+    return 0
+
+
+# -------------------------------------------------------------------- before / after
+
+
+def _before_and_after(config: Config, model_path: str, checkpoint, use_gpu: bool, ray):
+    """Score base and tuned model in a Ray task on the job's kind of device, not on the
+    driver (which, on a cluster, may have no GPU)."""
+    from longtune.eval.compare import before_and_after
+
+    task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(before_and_after)
+    try:
+        return ray.get(task.remote(config, model_path, checkpoint))
+    except Exception as exc:  # training succeeded; say why scoring did not
+        raise TrainingSetupError(f"scoring the tuned model failed: {root_cause(exc)}") from exc
+
+
+def _check_eval_settings(config: Config) -> None:
+    from longtune.eval import EvalError
+    from longtune.eval.compare import check_eval_settings
+    from longtune.models import load_tokenizer_for
+
+    try:
+        check_eval_settings(config, load_tokenizer_for(config.model))
+    except EvalError as err:
+        raise TrainingSetupError(f"{err} (or set eval.before_after=false)") from None
+
+
+def _comparison_table(config: Config, comparison: dict[str, dict[str, float]]):
+    from longtune.eval.compare import comparison_table
+
+    return comparison_table(comparison, config.eval.lengths, "held-out perplexity, full attention")
+
+
+def _print_summary(result: FinetuneResult, console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"longtune finetune: {result.run_name}", show_header=False)
+    for key in ("step", "loss", "eval_loss", "eval_ppl", "tokens_per_s", "peak_memory_mb"):
+        if key in result.metrics:
+            table.add_row(key, f"{result.metrics[key]:.4g}")
+    console.print(table)
+    # paths and commands in full, outside the table, so they can be copied
+    console.print(f"adapter:    {result.adapter_path}", soft_wrap=True)
+    console.print(f"checkpoint: {result.checkpoint_path}", soft_wrap=True)
+    if result.mlflow_run_id:
+        console.print(f"MLflow run: {result.mlflow_run_id} in {result.tracking_uri}", soft_wrap=True)
+        from longtune.tracking import ui_hint
+
+        console.print(ui_hint(result.tracking_uri), soft_wrap=True)
+    console.print(f"Relaunch with train.run_name={result.run_name} to resume this run.", soft_wrap=True)

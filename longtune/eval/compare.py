@@ -58,7 +58,9 @@ def comparison_table(results: dict[str, dict[str, float]], lengths: list[int], t
     for name, metrics in results.items():
         cells = [f"{metrics[f'ppl_{n}']:.2f}" if f"ppl_{n}" in metrics else "-" for n in lengths]
         if with_passkey:
-            accs = [f"{metrics[k]:.0%}" for k in sorted(metrics) if k.startswith("passkey_acc_")]
+            # by length, not by key: "passkey_acc_1024" sorts before "passkey_acc_256"
+            keys = sorted((k for k in metrics if k.startswith("passkey_acc_")), key=lambda k: int(k.rsplit("_", 1)[1]))
+            accs = [f"{metrics[k]:.0%}" for k in keys]
             cells.append(" / ".join(accs))
         table.add_row(name, *cells)
     return table
@@ -68,7 +70,7 @@ def check_eval_settings(config: Config, tokenizer) -> None:
     """Raise EvalError now for settings that would only fail once training is over: lengths
     against the stride, passkey prompts that cannot fit their length."""
     from longtune.data.passkey import passkey_for_tokens
-    from longtune.eval import EvalError
+    from longtune.eval.errors import EvalError
     from longtune.eval.perplexity import check_lengths
 
     e = config.eval

@@ -88,3 +88,25 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer_path) -> str:
     model.save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
     return str(path)
+
+
+@pytest.fixture
+def run_config(tmp_path, tiny_model_dir, corpus_dir):
+    """The small training run the end-to-end tests share (2 workers, 128 tokens, checkpoints
+    and logs every 2 steps, MLflow in tmp_path): ``run_config(*overrides) -> Config``."""
+    from longtune.config import load_config
+
+    def make(*extra: str):
+        return load_config(None, [
+            f"model.name_or_path={tiny_model_dir}", "model.target_context=128",
+            f"data.sources=[{corpus_dir}]", "data.min_doc_chars=100", "data.eval_fraction=0.2",
+            "train.lr=1e-3", "train.warmup_steps=0", "train.log_every=2", "train.checkpoint_every=2",
+            "train.batch_size_per_worker=1", f"train.storage_path={tmp_path / 'ray'}",
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.system_metrics=false",
+            "eval.loss_blocks=2", "eval.lengths=[64, 128]", "eval.stride=32", "eval.max_eval_tokens=2000",
+            "eval.passkey_trials=0", "eval.before_after=false",
+            "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
+            *extra,
+        ])
+
+    return make

@@ -1,4 +1,5 @@
-"""LongLoRA fine-tuning on a real local Ray Train with a real SQLite MLflow store."""
+"""`longtune finetune` (longtune/finetune.py over longtune/train/) on a real local Ray Train with
+a real SQLite MLflow store."""
 
 from __future__ import annotations
 
@@ -13,20 +14,6 @@ from longtune.config import load_config
 pytestmark = pytest.mark.slow
 
 
-def make_config(tmp_path: Path, model_dir: str, corpus: str, *extra: str):
-    return load_config(None, [
-        f"model.name_or_path={model_dir}", "model.target_context=128",
-        f"data.sources=[{corpus}]", "data.min_doc_chars=100", "data.eval_fraction=0.2",
-        "train.lr=1e-3", "train.warmup_steps=0", "train.log_every=2", "train.checkpoint_every=2",
-        "train.batch_size_per_worker=1", f"train.storage_path={tmp_path / 'ray'}",
-        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.system_metrics=false",
-        "eval.loss_blocks=2", "eval.lengths=[64, 128]", "eval.stride=32", "eval.max_eval_tokens=2000",
-        "eval.passkey_trials=0", "eval.before_after=false",
-        "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
-        *extra,
-    ])
-
-
 def mlflow_run(tmp_path: Path, run_id: str):
     from mlflow import MlflowClient
 
@@ -34,10 +21,10 @@ def mlflow_run(tmp_path: Path, run_id: str):
     return client, client.get_run(run_id)
 
 
-def test_two_worker_run_checkpoints_and_tracks(ray_local, tmp_path, tiny_model_dir, corpus_dir):
+def test_two_worker_run_checkpoints_and_tracks(ray_local, tmp_path, run_config):
     from longtune.finetune import finetune
 
-    config = make_config(tmp_path, tiny_model_dir, corpus_dir, "train.max_steps=4", "train.run_name=basic",
+    config = run_config("train.max_steps=4", "train.run_name=basic",
                          "eval.before_after=true")
     result = finetune(config)
 
@@ -71,7 +58,7 @@ def test_two_worker_run_checkpoints_and_tracks(ray_local, tmp_path, tiny_model_d
     assert [m.step for m in client.get_metric_history(run.info.run_id, "ppl_128")] == [0, 4]
 
 
-def test_saved_adapter_reloads_with_plain_peft_identically(tmp_path, tiny_model_dir, corpus_dir):
+def test_saved_adapter_reloads_with_plain_peft_identically(tmp_path, tiny_model_dir, run_config):
     """Train a few steps with the loop's own pieces, checkpoint, and reload with plain PEFT."""
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -79,7 +66,7 @@ def test_saved_adapter_reloads_with_plain_peft_identically(tmp_path, tiny_model_
     from longtune.train.checkpoint import TrainState, write_checkpoint
     from longtune.train.loop import build_model, build_optimizer, optimizer_step
 
-    config = make_config(tmp_path, tiny_model_dir, corpus_dir)
+    config = run_config()
     model = build_model(config, tiny_model_dir, torch.device("cpu"))
     params, optimizer, scheduler = build_optimizer(config, model)
     gen = torch.Generator().manual_seed(0)
@@ -107,7 +94,7 @@ def test_saved_adapter_reloads_with_plain_peft_identically(tmp_path, tiny_model_
     assert not torch.allclose(trained, untouched)  # the adapter really changed the model
 
 
-def test_resume_continues_exactly_where_it_stopped(ray_local, tmp_path, tiny_model_dir, corpus_dir):
+def test_resume_continues_exactly_where_it_stopped(ray_local, tmp_path, run_config):
     """4 steps on 2 workers, then the same run name relaunched for 8 steps, equals 8 steps in
     one go: every rank trains on the same blocks at every step, and ends with the same weights."""
     from safetensors.torch import load_file
@@ -117,7 +104,7 @@ def test_resume_continues_exactly_where_it_stopped(ray_local, tmp_path, tiny_mod
 
     def run(name, steps):
         # small packing batches: many bundles from parallel tasks, finishing in any order
-        config = make_config(tmp_path, tiny_model_dir, corpus_dir, f"train.max_steps={steps}",
+        config = run_config(f"train.max_steps={steps}",
                              f"train.run_name={name}", "data.pack_batch_tokens=512")
         return finetune(config, probes=(RecordBlocks(str(tmp_path / "blocks" / name)),))
 
@@ -145,11 +132,11 @@ def test_resume_continues_exactly_where_it_stopped(ray_local, tmp_path, tiny_mod
         torch.testing.assert_close(sa["exp_avg_sq"], sb["exp_avg_sq"], atol=1e-8, rtol=1e-4)
 
 
-def test_killed_worker_restarts_from_the_last_checkpoint(ray_local, tmp_path, tiny_model_dir, corpus_dir):
+def test_killed_worker_restarts_from_the_last_checkpoint(ray_local, tmp_path, run_config):
     from longtune.train.probes import KillOnce
     from longtune.finetune import finetune
 
-    config = make_config(tmp_path, tiny_model_dir, corpus_dir, "train.max_steps=8",
+    config = run_config("train.max_steps=8",
                          "train.run_name=faulty", "train.max_failures=1")
     marker = tmp_path / "killed"
     result = finetune(config, probes=(KillOnce(step=5, rank=1, marker=str(marker)),))
@@ -166,57 +153,37 @@ def test_killed_worker_restarts_from_the_last_checkpoint(ray_local, tmp_path, ti
     assert state["step"] == 8 and state["tokens_seen"] == 8 * 2 * 128  # no step counted twice
 
 
-def test_not_enough_cpus_fails_fast(ray_local, tmp_path, tiny_model_dir, corpus_dir):
+def test_not_enough_cpus_fails_fast(ray_local, run_config):
     from longtune.finetune import finetune
     from longtune.train.trainer import TrainingSetupError
 
-    config = make_config(tmp_path, tiny_model_dir, corpus_dir, "scaling.num_workers=8",
+    config = run_config("scaling.num_workers=8",
                          "scaling.cpus_per_worker=1")
     with pytest.raises(TrainingSetupError, match=r"not enough resources: 8 workers x 1 CPU"):
         finetune(config)
 
 
-def test_fsdp_is_refused_with_the_reason(ray_local, tmp_path, tiny_model_dir, corpus_dir):
+def test_fsdp_is_refused_with_the_reason(ray_local, run_config):
     from longtune.finetune import finetune
     from longtune.train.trainer import TrainingSetupError
 
-    config = make_config(tmp_path, tiny_model_dir, corpus_dir, "train.strategy=fsdp")
+    config = run_config("train.strategy=fsdp")
     with pytest.raises(TrainingSetupError, match="fsdp is not supported yet with adapters"):
         finetune(config)
 
 
-def test_eval_settings_that_would_fail_after_training_fail_before_it(ray_local, tmp_path, tiny_model_dir, corpus_dir):
+def test_eval_settings_that_would_fail_after_training_fail_before_it(ray_local, tmp_path, run_config):
     from longtune.finetune import finetune
     from longtune.train.trainer import TrainingSetupError
 
-    config = make_config(tmp_path, tiny_model_dir, corpus_dir, "eval.before_after=true",
+    config = run_config("eval.before_after=true",
                          "eval.passkey_trials=1", "eval.passkey_lengths=[16]", "train.run_name=early")
     with pytest.raises(TrainingSetupError, match=r"eval.passkey_lengths: 16 is too short.*before_after=false"):
         finetune(config)
     assert not (tmp_path / "ray" / "early").exists()  # no training started
 
 
-def test_replicate_scores_five_models_on_the_same_tokens(ray_local, tmp_path, tiny_model_dir, corpus_dir):
-    from mlflow import MlflowClient
-
-    from longtune.replicate import replicate
-
-    config = make_config(tmp_path, tiny_model_dir, corpus_dir, "train.max_steps=2", "train.checkpoint_every=2")
-    results = replicate(config)
-    assert list(results) == ["base", "base + interpolation", "LoRA + S2-Attn", "LoRA+ + S2-Attn",
-                             "LoRA+ + full attention"]
-    assert len({r["eval_tokens_128"] for r in results.values()}) == 1  # same targets for all
-    assert results["base"]["ppl_128"] != results["base + interpolation"]["ppl_128"]
-    assert results["LoRA+ + S2-Attn"]["ppl_128"] != results["LoRA+ + full attention"]["ppl_128"]
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                              filter_string="tags.`longtune.job` = 'replicate'")
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert len(parents) == 1 and len(children) == 5
-
-
-def test_lora2_trains_on_two_workers_with_s2_and_prunes_to_target(ray_local, tmp_path, tiny_model_dir, corpus_dir):
+def test_lora2_trains_on_two_workers_with_s2_and_prunes_to_target(ray_local, tmp_path, tiny_model_dir, run_config):
     """LoRA² through the real loop: orthogonality penalty, allocator after each step, masks
     in the checkpoint, allocator state for resume; the adapter reloads and merges."""
     from longtune.adapters import load_adapter
@@ -224,7 +191,7 @@ def test_lora2_trains_on_two_workers_with_s2_and_prunes_to_target(ray_local, tmp
     from longtune.models import load_model
     from longtune.finetune import finetune
 
-    config = make_config(tmp_path, tiny_model_dir, corpus_dir, "train.max_steps=6", "train.run_name=lora2",
+    config = run_config("train.max_steps=6", "train.run_name=lora2",
                          "adapter.type=lora2", "adapter.rank=4", "adapter.lora2.outer_rank=4",
                          "adapter.pruning.target_rank=2", "attention.type=s2")
     result = finetune(config)

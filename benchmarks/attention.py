@@ -1,10 +1,20 @@
-"""S2-Attn vs full causal attention: forward+backward time and peak memory.
+"""S2-Attn vs full causal attention: forward+backward time and peak memory; and packed rows,
+before vs after (this code against an earlier commit's, in the same run).
 
 Full attention is transformers' own ``sdpa_attention_forward`` (causal SDPA, output in
 [batch, seq, heads, head_dim]), the call a model makes; S2-Attn returns the same layout.
 
-    python benchmarks/attention.py                      # seq 4096, 8192, 16384 on this machine
-    python benchmarks/attention.py --device cuda --backends sdpa flash --dtype bfloat16
+    python benchmarks/attention.py                      # both suites, seq 4096, 8192, 16384
+    python benchmarks/attention.py --suite unpacked --device cuda --backends sdpa flash varlen --dtype bfloat16
+    python benchmarks/attention.py --suite packed --baseline 5939423 --layers 4 --docs 3
+
+The packed suite runs what a model does with a packed block of ``--docs`` documents (no
+padding): ``--layers`` attention calls sharing one ``position_ids`` tensor, as S2-Attn
+fwd+bwd (training) and as full attention forward under no_grad (the held-out eval, which
+routes eval-mode longtune_s2 layers to full attention), plus the unpacked S2 fwd+bwd (the
+lean CPU path, which must not get slower). "before" is ``longtune/attention/s2.py`` as it was
+at ``--baseline`` (read with ``git show``), "after" is the working tree's; the two alternate
+step by step in one process, so the ratios hold on a busy machine.
 
 Inputs have transformers' layout (q/k/v [batch, heads, seq, head_dim] views of a
 [batch, seq, heads, head_dim] projection), batch 1, 8 heads, head_dim 64, groups of 1/4 of
@@ -27,7 +37,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import median, peak_rise_bytes, run_isolated, write_json  # noqa: E402
+from longtune.attention import s2 as current_s2  # noqa: E402
 from longtune.attention import s2_attention  # noqa: E402
+from longtune.attention.masks import clear_forward_cache  # noqa: E402
 
 
 def make_inputs(seq, heads, head_dim, dtype, device, seed=0):
@@ -101,6 +113,137 @@ def measure_peak(method, seq, args, backend):
                              "--head-dim", str(args.head_dim), "--ratio", str(args.ratio)]))
 
 
+# ---------------------------------------------------------------- packed rows: before vs after
+
+
+def load_baseline(rev: str, dest: Path):
+    """``longtune/attention/s2.py`` at ``rev`` as a module of its own (it imports nothing from
+    longtune on the CPU), or None when git cannot show it."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        src = subprocess.run(["git", "show", f"{rev}:longtune/attention/s2.py"], cwd=root,
+                             check=True, capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        print(f"no baseline: git show {rev}:longtune/attention/s2.py failed ({e})")
+        return None
+    dest.write_text(src)
+    return import_file(dest)
+
+
+def import_file(path: Path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("longtune_baseline_s2", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def packed_positions(seq, docs, device, seed=0):
+    """[1, seq] positions of ``docs`` documents of random lengths, restarting at each start."""
+    g = torch.Generator().manual_seed(seed)
+    cuts = sorted(torch.randperm(seq - 1, generator=g)[: docs - 1].add(1).tolist())
+    bounds = [0, *cuts, seq]
+    return torch.cat([torch.arange(b - a) for a, b in zip(bounds, bounds[1:])])[None].to(device)
+
+
+def packed_inputs(seq, args):
+    dtype = getattr(torch, args.dtype)
+    layers = [[x.detach().requires_grad_() for x in make_inputs(seq, args.heads, args.head_dim, dtype, args.device, seed=i)]
+              for i in range(args.layers)]
+    return layers, packed_positions(seq, args.docs, args.device)
+
+
+def packed_step(impl, mode, layers, pos, ratio):
+    """One forward (and backward for training) of ``len(layers)`` attention layers."""
+    clear_forward_cache()  # what the model's forward hooks do; the baseline has no cache
+    g = int(layers[0][0].shape[2] * ratio)
+    if mode == "eval":
+        with torch.no_grad():
+            for q, k, v in layers:
+                impl.full_attention(q, k, v, position_ids=pos)
+        return
+    positions = pos if mode == "s2 packed" else None
+    outs = [impl.s2_attention(q, k, v, group_size=g, position_ids=positions)[0] for q, k, v in layers]
+    torch.stack([o.sum() for o in outs]).sum().backward()
+    for q, k, v in layers:
+        q.grad = k.grad = v.grad = None
+
+
+PACKED_MODES = ("s2 packed", "eval", "s2 unpacked")
+
+
+def packed_peak_here(which, mode, seq, args):
+    impl = current_s2 if which == "after" else import_file(Path(args.baseline_file))
+    layers, pos = packed_inputs(seq, args)
+    packed_step(impl, mode, layers, pos, args.ratio)  # warm-up
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        packed_step(impl, mode, layers, pos, args.ratio)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    return peak_rise_bytes(lambda: packed_step(impl, mode, layers, pos, args.ratio))
+
+
+def packed_suite(args):
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="longtune-bench-"))
+    baseline = load_baseline(args.baseline, tmp / "baseline_s2.py")
+    impls = {"after": current_s2} if baseline is None else {"before": baseline, "after": current_s2}
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    print(f"\nPacked rows: {args.layers} layers sharing position_ids, {args.docs} documents a row, batch 1, "
+          f"{args.heads} heads, head_dim {args.head_dim}, ratio {args.ratio}, {args.dtype}, {args.device}; "
+          f"before = s2.py at {args.baseline}")
+    header = (f"{'mode':12} {'seq':>6} {'before ms':>10} {'after ms':>10} {'speedup':>8} "
+              f"{'before MiB':>11} {'after MiB':>10} {'mem ratio':>9}")
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for mode in args.modes:
+        for seq in args.seqs:
+            layers, pos = packed_inputs(seq, args)
+            times = {name: [] for name in impls}
+            for impl in impls.values():  # warm-up
+                packed_step(impl, mode, layers, pos, args.ratio)
+            for _ in range(args.reps):
+                for name, impl in impls.items():
+                    sync()
+                    t0 = time.perf_counter()
+                    packed_step(impl, mode, layers, pos, args.ratio)
+                    sync()
+                    times[name].append(time.perf_counter() - t0)
+            del layers, pos
+            mem = {}
+            for name in impls:
+                if args.device == "cuda":
+                    mem[name] = packed_peak_here(name, mode, seq, args)
+                else:
+                    mem[name] = int(run_isolated([
+                        __file__, "--_packed_peak", name, mode, str(seq), "--baseline-file", str(tmp / "baseline_s2.py"),
+                        "--dtype", args.dtype, "--heads", str(args.heads), "--head-dim", str(args.head_dim),
+                        "--ratio", str(args.ratio), "--layers", str(args.layers), "--docs", str(args.docs),
+                        "--device", args.device]))
+            row = dict(mode=mode, seq=seq, after_ms=median(times["after"]) * 1e3, after_peak_mib=mem["after"] / 2**20)
+            if "before" in impls:
+                row.update(before_ms=median(times["before"]) * 1e3, before_peak_mib=mem["before"] / 2**20)
+                row.update(speedup=row["before_ms"] / row["after_ms"],
+                           mem_ratio=row["before_peak_mib"] / max(row["after_peak_mib"], 1e-9))
+            rows.append(row)
+            print(f"{mode:12} {seq:6d} {_cell(row, 'before_ms', '10.1f'):>10} {row['after_ms']:10.1f} "
+                  f"{_cell(row, 'speedup', '7.2f'):>7}x {_cell(row, 'before_peak_mib', '11.1f'):>11} "
+                  f"{row['after_peak_mib']:10.1f} {_cell(row, 'mem_ratio', '8.2f'):>8}x")
+    return rows
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    return format(row[key], fmt) if key in row else "-"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seqs", type=int, nargs="+", default=[4096, 8192, 16384])
@@ -109,16 +252,39 @@ def main():
     p.add_argument("--ratio", type=float, default=0.25)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--backends", nargs="+", default=["sdpa"], choices=["sdpa", "flash"])
+    p.add_argument("--backends", nargs="+", default=["sdpa"], choices=["sdpa", "flash", "varlen"])
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--suite", default="all", choices=["all", "unpacked", "packed"])
+    p.add_argument("--baseline", default="5939423", help="git revision whose s2.py is 'before' (packed suite)")
+    p.add_argument("--layers", type=int, default=4, help="attention layers per forward (packed suite)")
+    p.add_argument("--docs", type=int, default=3, help="documents per packed row (packed suite)")
+    p.add_argument("--modes", nargs="+", default=list(PACKED_MODES), choices=PACKED_MODES, help="packed suite modes")
     p.add_argument("--out", default="benchmarks/results/attention.json")
     p.add_argument("--_peak", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--_packed_peak", nargs=3, help=argparse.SUPPRESS)
+    p.add_argument("--baseline-file", help=argparse.SUPPRESS)
     args = p.parse_args()
 
     if args._peak:
         print(measure_peak_here(args._peak[0], int(args._peak[1]), args, args.backends[0]))
         return
+    if args._packed_peak:
+        which, mode, seq = args._packed_peak
+        print(packed_peak_here(which, mode, int(seq), args))
+        return
 
+    meta = dict(heads=args.heads, head_dim=args.head_dim, ratio=args.ratio, dtype=args.dtype,
+                device=args.device, torch=torch.__version__, threads=torch.get_num_threads(), reps=args.reps)
+    payload = {"meta": meta}
+    if args.suite in ("all", "unpacked"):
+        payload["rows"] = unpacked_suite(args)
+    if args.suite in ("all", "packed"):
+        meta.update(baseline=args.baseline, layers=args.layers, docs=args.docs)
+        payload["packed_rows"] = packed_suite(args)
+    print(f"wrote {write_json(args.out, payload)}")
+
+
+def unpacked_suite(args):
     rows = []
     header = f"{'backend':8} {'seq':>6} {'full ms':>9} {'s2 ms':>9} {'speedup':>8} {'full MiB':>9} {'s2 MiB':>9}"
     print(f"S2-Attn vs causal SDPA (transformers' sdpa_attention_forward), fwd+bwd, batch 1, {args.heads} heads, head_dim {args.head_dim}, "
@@ -138,9 +304,7 @@ def main():
             rows.append(row)
             print(f"{backend:8} {seq:6d} {row['full_ms']:9.1f} {row['s2_ms']:9.1f} "
                   f"{row['speedup']:7.2f}x {row['full_peak_mib']:9.1f} {row['s2_peak_mib']:9.1f}")
-    meta = dict(heads=args.heads, head_dim=args.head_dim, ratio=args.ratio, dtype=args.dtype,
-                device=args.device, torch=torch.__version__, threads=torch.get_num_threads(), reps=args.reps)
-    print(f"wrote {write_json(args.out, {'meta': meta, 'rows': rows})}")
+    return rows
 
 
 if __name__ == "__main__":

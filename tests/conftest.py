@@ -71,19 +71,45 @@ def corpus_dir(tmp_path_factory) -> str:
     return str(path)
 
 
+# ------------------------------------------------------------------ tiny models
+
+
+TINY_FAMILIES = {  # name -> (transformers config class, model class, extra config)
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "llama_tied": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": True}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16}),
+}
+
+
+def tiny_lm(family: str = "llama", *, seed: int = 0, **config):
+    """A random causal LM of ``family`` built from config, no download: 2 layers, hidden 64,
+    4 heads over 2 KV heads, vocabulary 97, 512 positions, unless ``config`` says otherwise.
+    The same model for the same arguments (so a test can rebuild its "fresh base"). The one
+    builder every test's tiny model comes from."""
+    import torch
+    import transformers
+
+    config_name, model_name, extra = TINY_FAMILIES[family]
+    kwargs = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    kwargs.update(extra)
+    kwargs.update(config)
+    torch.manual_seed(seed)
+    return getattr(transformers, model_name)(getattr(transformers, config_name)(**kwargs))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_tokenizer_path) -> str:
     """A tiny random Llama (original context 64) saved with its tokenizer, like a hub model."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_path)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
-    ))
+    model = tiny_lm("llama", vocab_size=len(tokenizer), max_position_embeddings=64,
+                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
     path = tmp_path_factory.mktemp("tiny_model")
     model.save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))

@@ -7,17 +7,6 @@ import json
 import pytest
 import torch
 from peft import PeftModel
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
-
 from longtune.adapters import (
     apply_adapter,
     attention_projections,
@@ -28,14 +17,10 @@ from longtune.adapters import (
 )
 from longtune.attention import s2_settings, use_s2_attention
 from longtune.config import AdapterConfig
+from conftest import tiny_lm
 
 VOCAB = 97
-ARCHS = {  # name -> (config class, model class, extra config)
-    "llama": (LlamaConfig, LlamaForCausalLM, {}),
-    "mistral": (MistralConfig, MistralForCausalLM, {}),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
-    "llama_tied": (LlamaConfig, LlamaForCausalLM, {"tie_word_embeddings": True}),
-}
+ARCHS = ["llama", "mistral", "qwen2", "llama_tied"]
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 EMBED_AND_NORMS = ["embed_tokens", "input_layernorm", "post_attention_layernorm", "norm"]
 
@@ -52,13 +37,7 @@ def one_thread():
 
 def tiny(arch: str, seed: int = 0) -> torch.nn.Module:
     """The same random model for the same (arch, seed): rebuilt as the 'fresh base'."""
-    config_cls, model_cls, extra = ARCHS.get(arch) or (Qwen3Config, Qwen3ForCausalLM, {})
-    config = config_cls(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **extra,
-    )
-    torch.manual_seed(seed)
-    return model_cls(config).eval()
+    return tiny_lm(arch, seed=seed, vocab_size=VOCAB, max_position_embeddings=256).eval()
 
 
 def batch(n: int = 32, seed: int = 1) -> torch.Tensor:
@@ -240,7 +219,7 @@ def test_trained_adapter_reloads_and_merges(arch, adapter_type, tmp_path):
     merged = reloaded.merge_and_unload()
     assert not isinstance(merged, PeftModel)
     torch.testing.assert_close(logits(merged), adapted, atol=1e-5, rtol=0)
-    if ARCHS[arch][2].get("tie_word_embeddings"):
+    if arch == "llama_tied":
         assert tied(merged) and merged.config.tie_word_embeddings  # still one matrix
 
 

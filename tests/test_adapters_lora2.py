@@ -21,16 +21,11 @@ from longtune.adapters.lora2 import (
     semi_orthogonality,
 )
 from longtune.config import load_config
+from conftest import tiny_lm
 
 
 def tiny_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-    ))
+    return tiny_lm("llama", seed=seed, vocab_size=128, max_position_embeddings=256)
 
 
 def lora2_config(*extra: str):

@@ -7,21 +7,7 @@ import types
 
 import pytest
 import torch
-from transformers import (
-    AttentionInterface,
-    Gemma2Config,
-    Gemma2ForCausalLM,
-    Gemma3ForCausalLM,
-    Gemma3TextConfig,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
+from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
 from longtune.attention import (
@@ -33,24 +19,14 @@ from longtune.attention import (
     use_full_attention,
     use_s2_attention,
 )
+from conftest import tiny_lm
 
-ARCHS = {
-    "llama": (LlamaConfig, LlamaForCausalLM),
-    "mistral": (MistralConfig, MistralForCausalLM),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-}
+ARCHS = ["llama", "mistral", "qwen2"]
 VOCAB = 97
 
 
 def tiny(arch: str, **overrides) -> torch.nn.Module:
-    config_cls, model_cls = ARCHS[arch]
-    kwargs = dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-    )
-    kwargs.update(overrides)
-    torch.manual_seed(0)
-    return model_cls(config_cls(**kwargs))
+    return tiny_lm(arch, vocab_size=VOCAB, **overrides)
 
 
 def _reference_interface(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -276,25 +252,15 @@ def test_flash_backend_on_cuda_matches_sdpa(shift):
 
 # Each with sliding-window layers (window 16) beside full ones; Gemma 2 caps its logits.
 FAMILIES = {
-    "gemma2": (Gemma2Config, Gemma2ForCausalLM, dict(
-        head_dim=16, sliding_window=16, attn_logit_softcapping=1.0, query_pre_attn_scalar=4)),
-    "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM, dict(
-        head_dim=16, sliding_window=16, query_pre_attn_scalar=16, layer_types=["sliding_attention", "full_attention"])),
-    "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(
-        head_dim=16, use_sliding_window=True, sliding_window=16, max_window_layers=1)),
-    "mistral": (MistralConfig, MistralForCausalLM, dict(sliding_window=16)),
+    "gemma2": dict(sliding_window=16, attn_logit_softcapping=1.0, query_pre_attn_scalar=4),
+    "gemma3": dict(sliding_window=16, query_pre_attn_scalar=16, layer_types=["sliding_attention", "full_attention"]),
+    "qwen3": dict(head_dim=16, use_sliding_window=True, sliding_window=16, max_window_layers=1),
+    "mistral": dict(sliding_window=16),
 }
 
 
 def tiny_family(arch: str, **overrides) -> torch.nn.Module:
-    config_cls, model_cls, extra = FAMILIES[arch]
-    kwargs = dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **extra,
-    )
-    kwargs.update(overrides)
-    torch.manual_seed(0)
-    model = model_cls(config_cls(**kwargs))
+    model = tiny_lm(arch, vocab_size=VOCAB, **{**FAMILIES[arch], **overrides})
     with torch.no_grad():  # logits large enough that a cap of 1.0 changes them
         for name, p in model.named_parameters():
             if name.endswith(("q_proj.weight", "k_proj.weight")):

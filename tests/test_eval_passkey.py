@@ -55,15 +55,12 @@ def test_a_model_that_copies_the_key_scores_one(tokenizer):
 
 
 def test_a_random_model_scores_about_zero(tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from conftest import tiny_lm
 
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
-    ))
+    model = tiny_lm("llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                    max_position_embeddings=256, eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.eos_token_id)
     model.train()
     report = passkey_retrieval(model, tokenizer, [256], trials=3, progress=False)
     assert report.scores[256].trials == 3

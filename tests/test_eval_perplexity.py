@@ -10,19 +10,14 @@ import torch
 
 from longtune.eval import EvalError
 from longtune.eval.perplexity import full_attention_eval, perplexity, plan_spans, spans_in, window
+from conftest import tiny_lm
 
 
 @pytest.fixture(scope="module")
 def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    ))
-    return model.eval()
+    return tiny_lm("llama", vocab_size=61, hidden_size=32, intermediate_size=64,
+                   max_position_embeddings=64).eval()
 
 
 def random_doc(n: int, seed: int) -> list[int]:

@@ -14,31 +14,18 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from longtune.adapters import apply_adapter, save_adapter
 from longtune.cli import main
 from longtune.config import AdapterConfig, load_config
 from longtune.export import MARKER, PEFT_NAME_PARTS, ExportError, export_model
 from longtune.models import load_model
+from conftest import tiny_lm
 
 ROOT = Path(__file__).resolve().parents[1]
 ORIGINAL, TARGET = 64, 128  # the tiny bases are trained at 64 tokens and extended x2
-ARCHS = {  # name -> (config class, model class, extra config)
-    "llama": (LlamaConfig, LlamaForCausalLM, {}),
-    "mistral": (MistralConfig, MistralForCausalLM, {}),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
-    "llama_tied": (LlamaConfig, LlamaForCausalLM, {"tie_word_embeddings": True}),
-}
+ARCHS = ["llama", "mistral", "qwen2", "llama_tied"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -65,15 +52,10 @@ def build_trained(arch: str, root: Path, tokenizer_path: str, adapter: str = "lo
     """A tiny random base saved like a hub model, a LoRA+ adapter trained on it for a few
     steps at the extended length, and the adapted model's logits on a longer-than-original
     input: (arch, model_dir, adapter_dir, ids, expected_logits, base_embedding)."""
-    config_cls, model_cls, extra = ARCHS[arch]
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     vocab = len(tokenizer)
-    torch.manual_seed(0)
-    base = model_cls(config_cls(
-        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=ORIGINAL,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id, **extra,
-    ))
+    base = tiny_lm(arch, vocab_size=vocab, max_position_embeddings=ORIGINAL,
+                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
     model_dir = root / "base"
     base.save_pretrained(str(model_dir))
     tokenizer.save_pretrained(str(model_dir))

@@ -102,6 +102,26 @@ def tiny_lm(family: str = "llama", *, seed: int = 0, **config):
     return getattr(transformers, model_name)(getattr(transformers, config_name)(**kwargs))
 
 
+def largest_bool_tensor(fn) -> int:
+    """The most elements of any bool tensor (a mask) an op produced while ``fn()`` ran."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Watch(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.bool:
+                    Watch.largest = max(Watch.largest, t.numel())
+            return out
+
+    with Watch():
+        fn()
+    return Watch.largest
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_tokenizer_path) -> str:
     """A tiny random Llama (original context 64) saved with its tokenizer, like a hub model."""

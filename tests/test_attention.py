@@ -332,22 +332,9 @@ def test_bad_softcap_is_named(bad):
 
 
 def _largest_bool(fn) -> int:
-    """The most elements of any bool tensor an op produced while ``fn`` ran."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from conftest import largest_bool_tensor
 
-    class Watch(TorchDispatchMode):
-        largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor) and t.dtype == torch.bool:
-                    Watch.largest = max(Watch.largest, t.numel())
-            return out
-
-    with Watch():
-        fn()
-    return Watch.largest
+    return largest_bool_tensor(fn)
 
 
 def test_full_attention_of_packed_rows_builds_no_n_by_n_mask():

@@ -370,17 +370,7 @@ def test_gradient_checkpointing_recompute_with_packed_rows():
 
 
 def test_eval_of_long_packed_rows_builds_no_n_by_n_mask():
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class LargestBool(TorchDispatchMode):
-        seen = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor) and t.dtype == torch.bool:
-                    LargestBool.seen = max(LargestBool.seen, t.numel())
-            return out
+    from conftest import largest_bool_tensor
 
     n = 256
     model = tiny("llama")
@@ -388,9 +378,11 @@ def test_eval_of_long_packed_rows_builds_no_n_by_n_mask():
     model.eval()
     ids = torch.randint(0, VOCAB, (1, n))
     pos = torch.cat([torch.arange(100), torch.arange(90), torch.arange(66)])[None]
-    with torch.no_grad(), LargestBool():
-        got = model(input_ids=ids, position_ids=pos, use_cache=False).logits
-    assert LargestBool.seen < n * n // 4
+    outputs = []
+    with torch.no_grad():
+        largest = largest_bool_tensor(lambda: outputs.append(model(input_ids=ids, position_ids=pos, use_cache=False)))
+    got = outputs[0].logits
+    assert largest < n * n // 4
     use_full_attention(model)
     with torch.no_grad():
         want = model(input_ids=ids, position_ids=pos, use_cache=False).logits

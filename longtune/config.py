@@ -68,6 +68,20 @@ def precision_conflict(dtype: str, precision: str) -> str | None:
     )
 
 
+def fsdp_conflict(config: "Config") -> str | None:
+    """Why train.strategy=fsdp cannot run ``config``, in one line naming the setting and what
+    to use instead; None when it can (or the strategy is ddp)."""
+    if config.train.strategy != "fsdp":
+        return None
+    if config.adapter.type == "adalora":
+        return (
+            "adapter.type=adalora does not run with train.strategy=fsdp: PEFT's AdaLoRA allocator reads "
+            "whole parameters and gradients, which FSDP shards; use adapter.type=lora2 (its allocator "
+            "works on shards) or train.strategy=ddp"
+        )
+    return None
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
@@ -273,6 +287,24 @@ class AdapterConfig(_Section):
     pruning: PruningConfig = Field(default_factory=PruningConfig)
 
 
+class FsdpConfig(_Section):
+    """FSDP2 sharding (train.strategy=fsdp): each decoder layer and the rest of the model
+    (embeddings, final norm, head) are sharded over the training workers."""
+
+    reshard_after_forward: bool = Field(
+        True,
+        description="Free each decoder layer's gathered weights after its forward and gather them "
+        "again in the backward: one layer's full weights on a worker at a time. false keeps every "
+        "layer gathered from forward to backward (one all-gather per layer and micro-batch, not "
+        "two; the whole base unsharded at the peak, as with DDP).",
+    )
+    cpu_offload: bool = Field(
+        False,
+        description="Keep the sharded parameters, gradients and optimizer state in CPU memory "
+        "(GPU workers; the optimizer step runs on the CPU): for 70B models on few GPUs.",
+    )
+
+
 class TrainConfig(_Section):
     max_steps: int = Field(200, gt=0, description="Optimizer steps.")
     lr: float = Field(
@@ -291,8 +323,11 @@ class TrainConfig(_Section):
         "fp16 = that autocast (fp16 with a GradScaler); fp32 = fp32 weights, no autocast.",
     )
     strategy: Literal["ddp", "fsdp"] = Field(
-        "ddp", description="Data parallel strategy; fsdp is refused for now (not yet correct with adapters)."
+        "ddp",
+        description="ddp: every worker holds the whole model; fsdp: FSDP2 shards the weights, "
+        "gradients and optimizer state over the workers (train.fsdp), for models one GPU cannot hold.",
     )
+    fsdp: FsdpConfig = Field(default_factory=FsdpConfig)
     log_every: int = Field(10, gt=0, description="Log metrics every N steps.")
     checkpoint_every: int = Field(100, gt=0, description="Checkpoint every M steps and at the end.")
     seed: int = Field(0, description="Random seed.")
@@ -511,6 +546,13 @@ class Config(_Section):
                     f"train.max_steps={self.train.max_steps} give no steps to prune in "
                     f"(steps {start} to {end}); use more steps or a wider range"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _fsdp(self) -> "Config":
+        conflict = fsdp_conflict(self)
+        if conflict:
+            raise ValueError(conflict)
         return self
 
     @property

@@ -58,3 +58,69 @@ def broadcast_(tensor: torch.Tensor, device: torch.device | str, src: int = 0) -
         _check_device(tensor, device)
         dist.broadcast(tensor, src=src)
     return tensor
+
+
+# ---------------------------------------------------------------- sharded tensors (FSDP2)
+#
+# Under FSDP2 (train.strategy=fsdp) a parameter between steps is a DTensor: this rank's
+# shard of it (dim 0, torch.chunk's split). These helpers let code that needs a whole
+# parameter, or this rank's part of a whole tensor, run the same way on plain tensors (DDP,
+# one process), where they pass the tensor through. With train.fsdp.cpu_offload the shards
+# live on the CPU while the mesh is the GPUs: the gathers run on the mesh's device.
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """True for a DTensor (an FSDP2 parameter, gradient or optimizer state shard)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``tensor`` as a plain tensor (``tensor`` itself when not sharded)."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+def mesh_device(tensor: torch.Tensor) -> torch.device:
+    """Where ``tensor``'s collectives run: its mesh's device for a DTensor (this process's
+    current GPU on a CUDA mesh), else its own device."""
+    if not is_sharded(tensor):
+        return tensor.device
+    kind = tensor.device_mesh.device_type
+    if kind == "cpu":
+        return torch.device("cpu")
+    return torch.device(kind, torch.get_device_module(kind).current_device())
+
+
+def gathered(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The whole tensor whose part on this rank is ``local``, sharded as ``like`` (a DTensor)
+    is, on ``like``'s mesh device, on every rank; ``local`` itself when ``like`` is not
+    sharded. Differentiable: the gradient of a whole that every rank computes alike flows
+    back to this rank's part. A collective: every rank calls it, in the same order."""
+    if not is_sharded(like):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    part = DTensor.from_local(
+        local.to(mesh_device(like)), like.device_mesh, like.placements, shape=like.shape, stride=like.stride()
+    )
+    return part.full_tensor()
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` whole: a DTensor gathered (``gathered``), a plain tensor as it is."""
+    return gathered(local_shard(tensor), tensor)
+
+
+def local_part(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``whole`` (the same on every rank) as ``like`` is sharded, on the
+    device of ``like``'s part; ``whole`` on ``like``'s device when ``like`` is not sharded.
+    No communication."""
+    if not is_sharded(like):
+        return whole.to(like.device)
+    from torch.distributed.tensor import distribute_tensor
+
+    mine = distribute_tensor(
+        whole.to(mesh_device(like)), like.device_mesh, like.placements, src_data_rank=None
+    ).to_local()
+    return mine.to(local_shard(like).device)

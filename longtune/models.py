@@ -235,10 +235,16 @@ def load_model(
     for_training: bool = True,
     path: str | None = None,
     dtype: torch.dtype | None = None,
+    empty: bool = False,
 ):
     """Load the base causal LM with its positions interpolated to model.target_context, its
     weights in ``dtype`` (None: ``resolve_precision(model_cfg, None, device).weights``;
     training passes the dtype resolved with train.precision).
+
+    ``empty=True`` reads no weights: the same model (config, positions, dtype, training
+    settings, eval mode) with every parameter and buffer on the meta device. A sharded run's
+    ranks build this and receive their shards of rank 0's weights (longtune/train/parallel.py),
+    so a node never holds a full copy per worker.
 
     Returns ``(model, info)``. info: path, original_context, target_context, rope_factor (the
     total factor of the RoPE of the layers attending over the whole context),
@@ -256,12 +262,19 @@ def load_model(
     applied = extend_rope(config, model_cfg.target_context, original)
     if dtype is None:
         dtype = resolve_precision(model_cfg, None, "cuda" if on_gpu else "cpu").weights
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        config=config,
-        dtype=dtype,
-        trust_remote_code=model_cfg.trust_remote_code,
-    )
+    if empty:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code
+            )
+        model.eval()  # as from_pretrained leaves it
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            config=config,
+            dtype=dtype,
+            trust_remote_code=model_cfg.trust_remote_code,
+        )
     if for_training:
         model.config.use_cache = False  # no KV cache in training
         if model_cfg.gradient_checkpointing:

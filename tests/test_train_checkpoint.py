@@ -61,20 +61,20 @@ def test_a_lora2_run_resumes_with_weights_optimizer_schedule_and_allocator(tmp_p
     assert hooks2.allocator.budget == hooks.allocator.budget
 
 
-def test_the_allocator_state_goes_to_the_factors_device(tiny_model_dir, monkeypatch):
-    """EMAs saved from one GPU land on the device of the factors that resume them ("meta"
+def test_the_allocator_state_goes_to_the_factors_device(tiny_model_dir):
+    """EMAs saved on one device land on the device of the factors that resume them ("meta"
     stands in for a GPU here), not where torch.load put them."""
-    from longtune.adapters.lora2 import RankAllocator
-
     run = lora2_run(tiny_model_dir)
     train(run, 3)
-    hooks = run[-1]
-    state = hooks.state_dict()
+    state = run[-1].state_dict()
     assert state["allocator"]["ema_ipt"]
-    monkeypatch.setattr(RankAllocator, "device", property(lambda self: torch.device("meta")))
-    other = lora2_run(tiny_model_dir)[-1]
-    other.load_state_dict(state)
-    devices = {t.device.type for t in [*other.allocator.ema_ipt.values(), *other.allocator.ema_unc.values()]}
+    from longtune.adapters import training_hooks
+
+    config, model = lora2_run(tiny_model_dir)[:2]
+    hooks = training_hooks(model.to("meta"), config.adapter, 10)
+    hooks.load_state_dict(state)
+    allocator = hooks.allocator
+    devices = {t.device.type for t in [*allocator.ema_ipt.values(), *allocator.ema_unc.values()]}
     assert devices == {"meta"}
 
 
@@ -102,3 +102,18 @@ def test_fp16s_loss_scale_is_kept_and_restored(tmp_path, tiny_model_dir):
     write_checkpoint(tmp_path / "bf16", model, optimizer, scheduler, TrainState(step=1), config.to_yaml(), hooks,
                      disabled)
     assert not (tmp_path / "bf16" / "grad_scaler.pt").exists()
+
+
+def test_a_checkpoint_of_the_other_strategy_is_refused_naming_the_one_to_resume_with(tmp_path, tiny_model_dir):
+    """A DDP checkpoint holds optimizer.pt, an FSDP one sharded/: neither can resume the other."""
+    from types import SimpleNamespace
+
+    from longtune.train.checkpoint import CheckpointError
+
+    config, model, _, optimizer, scheduler, hooks = lora2_run(tiny_model_dir)
+    write_checkpoint(tmp_path, model, optimizer, scheduler, TrainState(step=1), config.to_yaml(), hooks)
+    with pytest.raises(CheckpointError, match=r"train.strategy=ddp run; resume it with train.strategy=ddp"):
+        read_checkpoint(tmp_path, model, optimizer, scheduler, hooks, parallel=SimpleNamespace(sharded=True))
+    (tmp_path / "sharded").mkdir()
+    with pytest.raises(CheckpointError, match=r"train.strategy=fsdp run; resume it with train.strategy=fsdp"):
+        read_checkpoint(tmp_path, model, optimizer, scheduler, hooks)

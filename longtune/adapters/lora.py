@@ -208,8 +208,15 @@ def trained_in_fp32(model: PeftModel) -> bool:
 # ---------------------------------------------------------------- save / load
 
 
-def save_adapter(model: PeftModel, path: str | os.PathLike[str]) -> Path:
+def save_adapter(
+    model: PeftModel, path: str | os.PathLike[str], state_dict: dict[str, torch.Tensor] | None = None
+) -> Path:
     """Save the adapter in PEFT format (``save_pretrained``) at ``path``.
+
+    ``state_dict``: the model's state (whole tensors, keys as ``model.state_dict()``'s) to
+    take the adapter's weights from instead of the model itself, e.g. the trained
+    parameters gathered from the shards of an FSDP model (longtune/train/parallel.py); it
+    needs no frozen base weights.
 
     Written to a temporary directory beside ``path`` and renamed into place, so readers see
     either the previous complete adapter or the new complete one; an existing directory at
@@ -218,7 +225,7 @@ def save_adapter(model: PeftModel, path: str | os.PathLike[str]) -> Path:
         raise TypeError(f"save_adapter expects a peft.PeftModel, got {type(model).__name__}")
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(str(tmp))
+        model.save_pretrained(str(tmp), **({} if state_dict is None else {"state_dict": state_dict}))
         pattern = rank_pattern(model)
         if pattern:  # for people: the weights file's lora_mask buffers are the record loaded
             (tmp / RANK_PATTERN_FILE).write_text(json.dumps(pattern, indent=1) + "\n")

@@ -24,6 +24,10 @@ do differently from the released code (Godz-z/LoRA-2), and why:
 - The importance of a singular value is scored only on the small inner factors and ``E``
   (``r + 2·r·k`` numbers per layer; AdaLoRA scores ``r·(1 + in + out)``), and every
   rank of a DDP job prunes the same values: the scores rank 0 computed are broadcast.
+- Under FSDP2 (train.strategy=fsdp) the factors are DTensor shards between steps: the
+  importance EMAs are kept per shard (elementwise, no communication), the scores are
+  gathered whole only when the masks are recomputed, the masks stay whole on every rank,
+  and the orthogonality penalty is taken over the gathered factors.
 
 Saved adapters are PEFT adapters (``save_pretrained``) whose config records the LoRA² layer
 (``outer_rank``) and whose weights carry the pruned pattern (the ``lora_mask`` buffer; pruned
@@ -47,7 +51,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from longtune.distributed import broadcast_
+from longtune.distributed import broadcast_, full_tensor, gathered, local_part, local_shard, mesh_device
 
 FACTORS = ("lora_Qout", "lora_Qin", "lora_E", "lora_Pin", "lora_Pout")
 SCORED = ("lora_Qin", "lora_E", "lora_Pin")  # the small inner factors: importance lives here
@@ -195,12 +199,16 @@ def semi_orthogonality(matrix: torch.Tensor) -> torch.Tensor:
 def orthogonality_loss(model: nn.Module) -> torch.Tensor:
     """The mean semi-orthogonality penalty over every factor of every LoRA² layer (each
     plane Qout, Qin, Pin, Pout), in fp32 whatever autocast is active. Zero when the model
-    has no LoRA² layer."""
-    planes = [getattr(layer, n)[adapter] for _, layer in lora2_layers(model)
+    has no LoRA² layer.
+
+    Sharded factors (FSDP2 DTensors, as they are between steps) are gathered whole first,
+    differentiably: every rank computes the same penalty and its gradient reaches each
+    rank's shard. A collective then: every rank calls it at the same point of the step."""
+    planes = [full_tensor(getattr(layer, n)[adapter]) for _, layer in lora2_layers(model)
               for adapter in layer.active_adapters if adapter in layer.lora_E
               for n in FACTORS if n != "lora_E"]
     if not planes:
-        return torch.zeros((), device=next(model.parameters()).device)
+        return torch.zeros((), device=mesh_device(next(model.parameters())))
     with torch.autocast(planes[0].device.type, enabled=False):
         return torch.stack([semi_orthogonality(m) for m in planes]).mean()
 
@@ -253,6 +261,10 @@ class RankAllocator:
     value's score is its own plus the mean over its row of ``Qin`` and column of ``Pin``.
     The lowest-scored values beyond the budget are zeroed (and recorded in each layer's
     ``lora_mask``); from ``schedule.end`` on the pattern is frozen and re-applied each step.
+
+    Sharded factors (FSDP2): the EMAs are this rank's parts, the scores and ``state_dict``
+    gather them whole (collectives every rank calls alike), the masks are whole on every
+    rank and each rank zeroes its own part of ``E``.
     """
 
     def __init__(self, model: nn.Module, *, target_rank: int, start: int, end: int, every: int = 1,
@@ -263,9 +275,12 @@ class RankAllocator:
         initial = sum(layer.r[a] for _, layer, a in self.layers)
         self.schedule = BudgetSchedule(initial, target_rank * len(self.layers), start, end, every)
         self.beta1, self.beta2 = beta1, beta2
-        self.ema_ipt: dict[str, torch.Tensor] = {}
+        self.ema_ipt: dict[str, torch.Tensor] = {}  # this rank's parts under FSDP
         self.ema_unc: dict[str, torch.Tensor] = {}
         self.budget = initial
+        # what each EMA key scores: its sharding (and device) are the parameter's
+        self._params = {self._key(name, factor, a): getattr(layer, factor)[a]
+                        for name, layer, a in self.layers for factor in SCORED}
 
     def _key(self, name: str, factor: str, adapter: str) -> str:
         return f"{name}.{factor}.{adapter}"
@@ -278,7 +293,7 @@ class RankAllocator:
                 if p.grad is None:
                     continue
                 key = self._key(name, factor, adapter)
-                ipt = (p * p.grad).abs().float()
+                ipt = (local_shard(p) * local_shard(p.grad)).abs().float()  # elementwise: per shard
                 if key not in self.ema_ipt:
                     self.ema_ipt[key] = torch.zeros_like(ipt)
                     self.ema_unc[key] = torch.zeros_like(ipt)
@@ -287,12 +302,16 @@ class RankAllocator:
 
     def _score(self, name: str, layer: Lora2Linear, factor: str, adapter: str) -> torch.Tensor:
         key = self._key(name, factor, adapter)
+        param = self._params[key]
         if key not in self.ema_ipt:  # no gradient seen yet
-            return torch.zeros_like(getattr(layer, factor)[adapter], dtype=torch.float32)
-        return self.ema_ipt[key] * self.ema_unc[key]
+            part = torch.zeros_like(local_shard(param), dtype=torch.float32)
+        else:
+            part = self.ema_ipt[key] * self.ema_unc[key]
+        return gathered(part, param)  # whole (on every rank) under FSDP
 
     def scores(self) -> torch.Tensor:
-        """Every singular value's importance, layer after layer, as one vector."""
+        """Every singular value's importance, layer after layer, as one vector (whole on
+        every rank: a collective under FSDP)."""
         parts = []
         for name, layer, adapter in self.layers:
             parts.append(self._score(name, layer, "lora_E", adapter)
@@ -318,7 +337,8 @@ class RankAllocator:
     @torch.no_grad()
     def apply_masks(self) -> None:
         for _, layer, adapter in self.layers:
-            layer.lora_E[adapter].masked_fill_(~layer.lora_mask[adapter], 0.0)
+            e = layer.lora_E[adapter]
+            local_shard(e).masked_fill_(~local_part(layer.lora_mask[adapter], e), 0.0)
 
     def step(self, global_step: int) -> None:
         s = self.schedule
@@ -335,18 +355,29 @@ class RankAllocator:
         return {name: int(layer.lora_mask[a].sum()) for name, layer, a in self.layers}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ema_ipt": self.ema_ipt, "ema_unc": self.ema_unc, "budget": self.budget}
+        """The EMAs whole (gathered under FSDP: every rank calls this) and the budget: the
+        same record whatever the strategy or number of ranks that wrote it."""
+        def whole(emas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {k: gathered(v, self._params[k]) for k, v in emas.items()}
+
+        return {"ema_ipt": whole(self.ema_ipt), "ema_unc": whole(self.ema_unc), "budget": self.budget}
 
     @property
     def device(self) -> torch.device:
-        """Where the factors (and so the importance EMAs) live."""
+        """Where the factors compute, and the allocator's collectives run (a sharded
+        factor's mesh device, which is not its shard's under CPU offload)."""
         _, layer, adapter = self.layers[0]
-        return layer.lora_E[adapter].device
+        return mesh_device(layer.lora_E[adapter])
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the EMAs onto the factors' device, wherever the state was saved or read."""
-        self.ema_ipt = {k: v.to(self.device) for k, v in state["ema_ipt"].items()}
-        self.ema_unc = {k: v.to(self.device) for k, v in state["ema_unc"].items()}
+        """Restore the EMAs as the factors are placed now (device, and this rank's part
+        under FSDP), wherever the state was saved or read."""
+        def placed(emas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {k: local_part(v, self._params[k]) if k in self._params else v.to(self.device)
+                    for k, v in emas.items()}
+
+        self.ema_ipt = placed(state["ema_ipt"])
+        self.ema_unc = placed(state["ema_unc"])
         self.budget = int(state["budget"])
 
 

@@ -18,9 +18,11 @@ Checks, each a section of the printed table and of the JSON (``--out``):
 2. attention_speed: one layer of a 7B model (32 heads, head_dim 128): forward+backward time
    and peak memory of S2-Attn and of full causal attention at 8k-64k tokens.
 3. train_step: a LoRA+ step of a random ~1B Llama (16 layers, hidden 2048) at 32k tokens,
-   bf16 weights, gradient checkpointing, S2-Attn and full attention: tokens/s and peak GiB;
-   and whether the norms and embeddings move in a few AdamW steps at lr 2e-5 (in bf16 they
-   would not: updates of ~1e-5 to weights of ~1 round away).
+   bf16 weights, gradient checkpointing, S2-Attn and full attention, each with the chunked
+   LM-head loss on and off (train.chunked_loss; on must peak lower), then S2 with
+   model.activation_offload (must peak lower still): tokens/s and peak GiB; and whether the
+   norms and embeddings move in a few AdamW steps at lr 2e-5 (in bf16 they would not:
+   updates of ~1e-5 to weights of ~1 round away).
 4. collectives: the loop's metric reduction, token count and LoRA²'s score broadcast through
    a real process group of world size 1 (NCCL on CUDA, gloo on --cpu), with the loop's own
    optimizer step inside it.
@@ -216,7 +218,8 @@ def train_step(s: Sizes, workdir: Path) -> list[dict[str, Any]]:
     from longtune.attention import use_full_attention, use_s2_attention
     from longtune.config import load_config
     from longtune.precision import resolve_precision
-    from longtune.train.loop import build_model, build_optimizer, optimizer_step
+    from longtune.train.loop import build_loss, build_model, build_optimizer
+    from longtune.train.loss import LanguageModelLoss
 
     path = workdir / "llama"
     torch.manual_seed(0)
@@ -227,6 +230,7 @@ def train_step(s: Sizes, workdir: Path) -> list[dict[str, Any]]:
         f"model.name_or_path={path}", f"model.target_context={n}", f"model.dtype={s.weights}",
         "adapter.type=lora_plus", "train.lr=2e-5", "train.warmup_steps=0", "train.max_grad_norm=1.0",
         "train.batch_size_per_worker=1",
+        *([f"train.loss_chunk_tokens={n // 4}"] if s.device == "cpu" else []),  # several chunks there too
     ])
     device = torch.device(s.device)
     model = build_model(run, str(path), device)
@@ -237,6 +241,7 @@ def train_step(s: Sizes, workdir: Path) -> list[dict[str, Any]]:
              "position_ids": torch.arange(n)[None].to(device)}
     watched = _watched(model)
     before = {name: p.detach().clone() for name, p in watched.items()}
+    losses = {"on": build_loss(run, model), "off": LanguageModelLoss(model, None)}  # train.chunked_loss
     rows = []
     model.train()
     for attention in ("s2", "full"):
@@ -244,21 +249,53 @@ def train_step(s: Sizes, workdir: Path) -> list[dict[str, Any]]:
             use_s2_attention(model, 0.25)
         else:
             use_full_attention(model)
-
-        def step():
-            optimizer_step(model, [block], params, optimizer, scheduler, run, autocast)
-
-        seconds, peak = _timed(step, s.device, reps=s.train_steps - 1)
-        rows.append({"attention": attention, "tokens": n, "tokens_per_s": round(n / seconds),
-                     "step_s": round(seconds, 3), "peak_gib": round(peak / 2**30, 2) if peak is not None else None,
-                     "ok": True})
+        for chunked, loss_fn in losses.items():
+            rows.append(_step_row(loss_fn, block, params, optimizer, scheduler, run, autocast, s,
+                                  attention=attention, chunked_loss=chunked))
+    peaks = {(r["attention"], r["chunked_loss"]): r["peak_gib"] for r in rows}
+    if s.device == "cuda":  # the logits of 32k tokens x 32k vocabulary alone are 4 GiB in fp32
+        for r in rows:
+            if r["chunked_loss"] == "on":
+                r["ok"] = r["peak_gib"] < peaks[r["attention"], "off"]
     # every step above was an AdamW step at lr 2e-5: did the trained norms and embeddings move?
     moved = {name: float((p.detach() - before[name]).abs().max()) for name, p in watched.items()}
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in params})
     rows.append({"attention": "trainables", "dtypes": ",".join(dtypes),
                  **{f"moved_{k}": float(f"{v:.3g}") for k, v in moved.items()},
                  "ok": dtypes == ["float32"] and all(v > 0 for v in moved.values())})
+
+    # model.activation_offload: the checkpointed layer inputs in (pinned) host memory
+    del model, params, optimizer, scheduler, losses, watched, before
+    if s.device == "cuda":
+        torch.cuda.empty_cache()
+    offload_run = run.model_copy(update={"model": run.model.model_copy(update={"activation_offload": True})})
+    model = build_model(offload_run, str(path), device)
+    params, optimizer, scheduler = build_optimizer(offload_run, model)
+    use_s2_attention(model, 0.25)
+    model.train()
+    row = _step_row(build_loss(offload_run, model), block, params, optimizer, scheduler, offload_run, autocast, s,
+                    attention="s2", chunked_loss="on")
+    row["activation_offload"] = "on"
+    if s.device == "cuda":
+        row["ok"] = row["peak_gib"] < peaks["s2", "on"]
+    rows.append(row)
     return rows
+
+
+def _step_row(loss_fn, block, params, optimizer, scheduler, run, autocast, s: Sizes, **what) -> dict[str, Any]:
+    """tokens/s, step time and peak memory of the loop's optimizer step over ``block``."""
+    from longtune.train.loop import optimizer_step
+
+    losses = []
+
+    def step():
+        losses.append(optimizer_step(loss_fn, [block], params, optimizer, scheduler, run, autocast).mean)
+
+    seconds, peak = _timed(step, s.device, reps=s.train_steps - 1)
+    n = block["input_ids"].numel()
+    return {**what, "tokens": n, "tokens_per_s": round(n / seconds), "step_s": round(seconds, 3),
+            "peak_gib": round(peak / 2**30, 2) if peak is not None else None,
+            "loss": float(f"{losses[-1]:.4g}"), "ok": all(map(math.isfinite, losses))}
 
 
 def _watched(model) -> dict[str, torch.Tensor]:
@@ -285,7 +322,12 @@ def collectives(s: Sizes, workdir: Path) -> list[dict[str, Any]]:
     from longtune.config import load_config
     from longtune.distributed import all_reduce_sum, broadcast_, world_size
     from longtune.precision import resolve_precision
-    from longtune.train.loop import build_model, build_optimizer, optimizer_step
+    from longtune.train.loop import (
+        build_loss,
+        build_model,
+        build_optimizer,
+        optimizer_step,
+    )
 
     backend = "nccl" if s.device == "cuda" else "gloo"
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if s.device == "cuda" else "cpu")
@@ -311,7 +353,9 @@ def collectives(s: Sizes, workdir: Path) -> list[dict[str, Any]]:
             "train.warmup_steps=0", "train.batch_size_per_worker=1",
         ])
         model = build_model(run, str(path), device)
-        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.index is not None else None)
+        # DDP wraps the loss module, whose forward runs the model (train/loss.py)
+        ddp = torch.nn.parallel.DistributedDataParallel(build_loss(run, model),
+                                                        device_ids=[device.index] if device.index is not None else None)
         params, optimizer, scheduler = build_optimizer(run, model)
         hooks = training_hooks(model, run.adapter, run.train.max_steps)
         g = torch.Generator().manual_seed(0)

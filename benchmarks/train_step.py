@@ -5,10 +5,13 @@
 
 Part 1 — a seed-shaped Llama (hidden 256, 6 layers, 8 heads, vocab 8192, gradient
 checkpointing on) with LoRA+ as `longtune finetune` trains it (position interpolation from
-256 tokens, bf16 autocast where the CPU has it), one block of batch 1 per optimizer step.
-S2-Attn and full attention alternate on the same model in one process, so machine noise
-slows both alike; tokens/s is the median over --reps steps. Peak memory is the rise of the
-peak resident set during one step after a warm-up, in a fresh process per measurement.
+256 tokens, bf16 autocast where the CPU has it), one block of batch 1 per optimizer step,
+with the chunked LM-head loss (train.chunked_loss, --chunk-tokens) off and on. S2-Attn and
+full attention, chunked loss off and on, alternate on the same model in one process, so
+machine noise slows all alike; tokens/s is the median over --reps steps, and the chunked
+loss's speed the median of its per-rep ratios. Peak memory is the rise of the peak resident
+set during one step after a warm-up, in a fresh process per measurement (median of
+--peak-reps).
 
 Part 2 — Ray Train's overhead: the same optimizer steps (longtune.train.loop's own
 functions, context --ray-context) timed in a plain loop in this process and inside a
@@ -48,23 +51,30 @@ def cpu_autocast(config: Config):
     return resolve_precision(config.model, config.train, "cpu").autocast("cpu")
 
 
-def config_for(model_dir: str, context: int, attention: str) -> Config:
+def config_for(model_dir: str, context: int, attention: str, *extra: str) -> Config:
     return load_config(None, [f"model.name_or_path={model_dir}", f"model.target_context={context}",
                               f"attention.type={attention}", "train.batch_size_per_worker=1",
-                              "train.warmup_steps=0"])
+                              "train.warmup_steps=0", *extra])
+
+
+LOSSES = ("off", "on")  # train.chunked_loss
 
 
 class Stepper:
-    """One model, switchable between S2-Attn and full attention, stepping on random blocks."""
+    """One model, switchable between S2-Attn and full attention and between the stock loss
+    (all logits at once) and the chunked one, stepping on a random block."""
 
-    def __init__(self, model_dir: str, context: int):
+    def __init__(self, model_dir: str, context: int, chunk_tokens: int):
         from longtune.attention import use_full_attention, use_s2_attention
-        from longtune.train.loop import build_model, build_optimizer
+        from longtune.train.loop import build_loss, build_model, build_optimizer
+        from longtune.train.loss import LanguageModelLoss
 
-        self.config = config_for(model_dir, context, "s2")
+        self.config = config_for(model_dir, context, "s2", f"train.loss_chunk_tokens={chunk_tokens}")
         self.model = build_model(self.config, model_dir, torch.device("cpu"))
         self.params, self.optimizer, self.scheduler = build_optimizer(self.config, self.model)
         self.autocast = cpu_autocast(self.config)
+        self.losses = {"on": build_loss(self.config, self.model), "off": LanguageModelLoss(self.model, None)}
+        assert self.losses["on"].chunked and not self.losses["off"].chunked
         self.switch = {"s2": lambda: use_s2_attention(self.model, 0.25),
                        "full": lambda: use_full_attention(self.model)}
         gen = torch.Generator().manual_seed(0)
@@ -72,43 +82,64 @@ class Stepper:
                       "position_ids": torch.arange(context)[None]}
         self.model.train()
 
-    def step(self, method: str) -> float:
+    def step(self, method: str, loss: str) -> float:
         from longtune.train.loop import optimizer_step
 
         self.switch[method]()
         start = time.perf_counter()
-        optimizer_step(self.model, [self.block], self.params, self.optimizer, self.scheduler,
+        optimizer_step(self.losses[loss], [self.block], self.params, self.optimizer, self.scheduler,
                        self.config, self.autocast)
         return time.perf_counter() - start
+
+
+CASES = [(m, loss) for m in ("full", "s2") for loss in LOSSES]
 
 
 def speed_rows(model_dir: str, args) -> list[dict]:
     rows = []
     for context in args.contexts:
-        stepper = Stepper(model_dir, context)
-        times = {"full": [], "s2": []}
-        for method in times:
-            stepper.step(method)  # warm-up
-        for _ in range(args.reps):
-            for method in times:
-                times[method].append(stepper.step(method))
+        stepper = Stepper(model_dir, context, args.chunk_tokens)
+        times = {case: [] for case in CASES}
+        for case in CASES:
+            stepper.step(*case)  # warm-up
+        for _ in range(args.reps):  # interleaved: machine noise slows every case alike
+            for case in CASES:
+                times[case].append(stepper.step(*case))
         del stepper
-        peaks = {m: int(run_isolated([__file__, "--_peak", m, str(context), model_dir])) for m in times}
-        row = {"context": context}
-        for m in times:
-            row[f"{m}_tokens_per_s"] = context / median(times[m])
-            row[f"{m}_peak_mib"] = peaks[m] / 2**20
-        row["speedup"] = row["s2_tokens_per_s"] / row["full_tokens_per_s"]
+        peaks = {case: [] for case in CASES}
+        for _ in range(args.peak_reps):
+            for case in CASES:
+                argv = [__file__, "--_peak", *case, str(context), model_dir, str(args.chunk_tokens)]
+                peaks[case].append(int(run_isolated(argv)))
+        row = {"context": context, "chunk_tokens": args.chunk_tokens}
+        for m, loss in CASES:
+            row[f"{m}_{loss}_tokens_per_s"] = context / median(times[m, loss])
+            row[f"{m}_{loss}_peak_mib"] = median(peaks[m, loss]) / 2**20
+        for m in ("full", "s2"):
+            # each rep's on and off steps ran back to back: the median of their ratios is what
+            # survives a machine whose load changes over minutes
+            row[f"{m}_chunked_speed"] = median([off / on for off, on in zip(times[m, "off"], times[m, "on"])])
+            row[f"{m}_chunked_peak"] = row[f"{m}_on_peak_mib"] / row[f"{m}_off_peak_mib"]
+        row["speedup"] = row["s2_on_tokens_per_s"] / row["full_on_tokens_per_s"]
         rows.append(row)
-        print(f"{context:7d} {row['full_tokens_per_s']:10.0f} {row['s2_tokens_per_s']:10.0f} "
-              f"{row['speedup']:7.2f}x {row['full_peak_mib']:10.0f} {row['s2_peak_mib']:10.0f}", flush=True)
+        print(f"{context:7d} " + " ".join(f"{row[f'{m}_{loss}_tokens_per_s']:8.0f}" for m, loss in CASES)
+              + " " + " ".join(f"{row[f'{m}_{loss}_peak_mib']:8.0f}" for m, loss in CASES)
+              + f" {row['full_chunked_peak']:6.2f} {row['s2_chunked_peak']:6.2f}"
+              + f" {row['full_chunked_speed']:6.3f} {row['s2_chunked_speed']:6.3f}", flush=True)
     return rows
 
 
-def measure_peak(method: str, context: int, model_dir: str) -> int:
-    stepper = Stepper(model_dir, context)
-    stepper.step(method)  # warm-up
-    return peak_rise_bytes(lambda: stepper.step(method))
+def speed_header() -> str:
+    cases = " ".join(f"{m + ' ' + loss:>8}" for m, loss in CASES)
+    return (f"{'':7} {'tokens/s (chunked loss off/on)':^35} {'peak MiB (chunked loss off/on)':^35} "
+            f"{'peak on/off':^13} {'tok/s on/off':^13}\n"
+            f"{'context'} {cases} {cases} {'full':>6} {'s2':>6} {'full':>6} {'s2':>6}")
+
+
+def measure_peak(method: str, loss: str, context: int, model_dir: str, chunk_tokens: int) -> int:
+    stepper = Stepper(model_dir, context, chunk_tokens)
+    stepper.step(method, loss)  # warm-up
+    return peak_rise_bytes(lambda: stepper.step(method, loss))
 
 
 # -------------------------------------------------------------------- Ray Train overhead
@@ -120,11 +151,16 @@ def _ray_loop(loop_config: dict) -> None:
     import ray.train.torch
 
     torch.set_num_threads(loop_config["threads"])
-    from longtune.train.loop import build_model, build_optimizer, optimizer_step
+    from longtune.train.loop import (
+        build_loss,
+        build_model,
+        build_optimizer,
+        optimizer_step,
+    )
 
     config = Config.model_validate(loop_config["config"])
     model = build_model(config, loop_config["model_dir"], torch.device("cpu"))
-    wrapped = ray.train.torch.prepare_model(model, move_to_device=False)
+    wrapped = ray.train.torch.prepare_model(build_loss(config, model), move_to_device=False)
     params, optimizer, scheduler = build_optimizer(config, model)
     autocast = cpu_autocast(config)
     shard = ray.train.get_dataset_shard("train")
@@ -194,15 +230,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192, 16384])
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--peak-reps", type=int, default=1, help="isolated peak measurements per case (median)")
+    p.add_argument("--chunk-tokens", type=int, default=None, help="train.loss_chunk_tokens (default: the config's)")
     p.add_argument("--ray-context", type=int, default=4096)
     p.add_argument("--ray-steps", type=int, default=8)
     p.add_argument("--parts", nargs="+", default=["speed", "ray"], choices=["speed", "ray"])
     p.add_argument("--out", default="benchmarks/results/train_step.json")
-    p.add_argument("--_peak", nargs=3, help=argparse.SUPPRESS)
+    p.add_argument("--_peak", nargs=5, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._peak:
-        print(measure_peak(args._peak[0], int(args._peak[1]), args._peak[2]))
+        method, loss, context, model_dir, chunk = args._peak
+        print(measure_peak(method, loss, int(context), model_dir, int(chunk)))
         return
+    if args.chunk_tokens is None:
+        args.chunk_tokens = Config().train.loss_chunk_tokens
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = save_model(Path(tmp) / "model")
         print(f"Training steps of a seed-shaped Llama ({SHAPE['num_hidden_layers']} layers, hidden "
@@ -210,8 +251,8 @@ def main() -> None:
               f"batch 1, torch {torch.__version__}, {torch.get_num_threads()} threads")
         rows, overhead = [], None
         if "speed" in args.parts:
-            header = f"{'context':>7} {'full tok/s':>10} {'s2 tok/s':>10} {'speedup':>8} {'full MiB':>10} {'s2 MiB':>10}"
-            print(header + "\n" + "-" * len(header))
+            header = speed_header()
+            print(f"train.loss_chunk_tokens={args.chunk_tokens}\n" + header + "\n" + "-" * len(header.splitlines()[-1]))
             rows = speed_rows(model_dir, args)
         if "ray" in args.parts:
             overhead = ray_overhead(model_dir, args)

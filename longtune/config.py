@@ -116,6 +116,13 @@ class ModelConfig(_Section):
         "(LoRA, embeddings, norms) are float32 whatever this is.",
     )
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward.")
+    activation_offload: bool = Field(
+        False,
+        description="Keep the checkpointed layer inputs (layers x tokens x hidden) in pinned CPU memory "
+        "from the forward to the backward: saves that much GPU memory at the cost of a device-to-host "
+        "and a host-to-device copy of each per step (slower). Needs gradient_checkpointing; same loss "
+        "and gradients.",
+    )
     adapter_path: str | None = Field(
         None,
         description="A trained adapter (PEFT directory, e.g. a checkpoint's adapter/) applied on "
@@ -316,6 +323,17 @@ class TrainConfig(_Section):
     batch_size_per_worker: int = Field(2, gt=0, description="Blocks per micro-batch per worker.")
     grad_accum_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null = off.")
+    chunked_loss: bool = Field(
+        True,
+        description="Run the LM head and the loss over chunks of loss_chunk_tokens tokens, recomputed "
+        "in the backward, so a block's [tokens, vocab] logits never exist at once (same loss and "
+        "gradients, one more head forward). A model whose logits post-processing longtune does not "
+        "know is trained on whole-block logits, with a warning.",
+    )
+    loss_chunk_tokens: int = Field(
+        4096, gt=0, description="Tokens (of all the micro-batch's rows) per LM-head/loss chunk with "
+        "train.chunked_loss: one chunk's fp32 logits are chunk x vocabulary x 4 bytes."
+    )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto",
         description="Compute: auto = bf16 autocast on GPUs with bf16 (fp16 with loss scaling on "

@@ -39,6 +39,8 @@ positions those layers resolve for nothing. Other layer types are refused.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +230,44 @@ def load_tokenizer_for(model_cfg: ModelConfig, name_or_path: str | None = None):
     return tokenizer
 
 
+def enable_checkpointing(model: Any, *, offload: bool = False, on_gpu: bool = False) -> None:
+    """Gradient checkpointing of every decoder layer (non-reentrant: reentrant checkpointing
+    would need inputs that require grad, and the embeddings may be frozen).
+
+    ``offload``: the checkpointed layer inputs, the activations kept from the forward to the
+    backward (layers x tokens x hidden), live in CPU memory in between, pinned where CUDA is
+    available: GPU memory for a device-to-host copy per layer in the forward and a
+    host-to-device copy in the backward's recompute. On a GPU, with a transformers whose
+    ``activation_checkpointing_enable`` takes ``offload`` (5.x), transformers does it; else
+    (and on a CPU, where transformers' pinned buffers fail) each layer's checkpoint runs
+    under ``torch.autograd.graph.save_on_cpu``, which is what transformers does too."""
+    kwargs = {"use_reentrant": False}
+    enable = model.activation_checkpointing_enable
+    if offload and on_gpu and "offload" in inspect.signature(enable).parameters:
+        enable(activation_checkpointing_kwargs=kwargs, offload=True)
+        return
+    enable(activation_checkpointing_kwargs=kwargs)
+    if not offload:
+        return
+    layers = 0
+    for module in model.modules():
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        if func is not None and getattr(module, "gradient_checkpointing", False):
+            module._gradient_checkpointing_func = functools.partial(_offloaded, func)
+            layers += 1
+    if not layers:
+        raise ModelError(
+            f"model.activation_offload: {type(model).__name__} has no checkpointed layers whose inputs "
+            "could be offloaded; set model.activation_offload=false"
+        )
+
+
+def _offloaded(checkpoint_func, *args, **kwargs):
+    """One layer's checkpoint with the tensors it saves (its inputs) kept in CPU memory."""
+    with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+        return checkpoint_func(*args, **kwargs)
+
+
 def load_model(
     model_cfg: ModelConfig,
     *,
@@ -277,9 +317,16 @@ def load_model(
         )
     if for_training:
         model.config.use_cache = False  # no KV cache in training
+        if model_cfg.activation_offload and not model_cfg.gradient_checkpointing:
+            raise ModelError(
+                "model.activation_offload=true needs model.gradient_checkpointing=true: it moves the "
+                "checkpointed layer inputs (one [tokens, hidden] tensor per layer) to CPU memory; without "
+                "checkpointing the backward keeps every intermediate activation of every layer, which "
+                "longtune does not offload. Set model.gradient_checkpointing=true or "
+                "model.activation_offload=false"
+            )
         if model_cfg.gradient_checkpointing:
-            # reentrant checkpointing would need inputs that require grad (frozen embeddings)
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model, offload=model_cfg.activation_offload, on_gpu=on_gpu)
     info = {
         "path": path,
         "original_context": original,

@@ -20,7 +20,9 @@ SEQ = 128
 def step_config(model_dir: str, *extra: str):
     return load_config(None, [
         f"model.name_or_path={model_dir}", f"model.target_context={SEQ}", "attention.type=s2",
-        "train.max_grad_norm=null", "train.precision=fp32", *extra,
+        "train.max_grad_norm=null", "train.precision=fp32",
+        "train.loss_chunk_tokens=48",  # the chunked loss, several chunks a block (and a ragged last one)
+        *extra,
     ])
 
 
@@ -42,7 +44,10 @@ def sgd_step(model, micro_batches, config):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    from longtune.train.loss import LanguageModelLoss
+
     inner = getattr(model, "module", model)
+    inner = inner.model if isinstance(inner, LanguageModelLoss) else inner
     before = {n: p.detach().clone() for n, p in inner.named_parameters() if p.requires_grad}
     loss = optimizer_step(model, micro_batches, params, optimizer, scheduler, config, torch.autocast("cpu", enabled=False))
     grads = {n: before[n] - p.detach() for n, p in inner.named_parameters() if p.requires_grad}
@@ -51,7 +56,7 @@ def sgd_step(model, micro_batches, config):
 
 def _rank_main(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
     from longtune.distributed import all_reduce_sum
-    from longtune.train.loop import build_model
+    from longtune.train.loop import build_loss, build_model
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -59,7 +64,9 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, out: str) -> No
     torch.set_num_threads(1)
     config = step_config(model_dir, "train.batch_size_per_worker=1")
     model = build_model(config, model_dir, torch.device("cpu"))
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    # DDP wraps the loss, whose forward runs the model: the forward DDP must see to sync
+    ddp = torch.nn.parallel.DistributedDataParallel(build_loss(config, model))
+    assert ddp.module.chunked
     block = {k: v[None] for k, v in blocks()[rank].items()}
     loss, grads = sgd_step(ddp, [block], config)
     loss_sum, tokens = all_reduce_sum([loss.loss_sum, loss.tokens], "cpu")

@@ -23,7 +23,7 @@ from longtune.config import Config
 from longtune.distributed import all_reduce_sum, world_size
 from longtune.precision import Precision, resolve_precision, step_optimizer
 from longtune.train.checkpoint import TrainState, read_checkpoint, write_checkpoint
-from longtune.train.loss import block_inputs, target_count, token_loss_sum
+from longtune.train.loss import LanguageModelLoss, block_inputs, target_count
 from longtune.train.worker_config import WorkerConfig
 
 
@@ -44,7 +44,9 @@ def train_loop(worker: WorkerConfig) -> None:
     # ---------------------------------------------------------------- model, optimizer
     precision = resolve_precision(config.model, t, device.type)
     model = build_model(config, worker.model_path, device, precision)
-    wrapped = ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy=t.strategy)
+    loss_fn = build_loss(config, model)
+    # the loss module is what DDP wraps: its forward runs the model (see train/loss.py)
+    wrapped = ray.train.torch.prepare_model(loss_fn, move_to_device=False, parallel_strategy=t.strategy)
     params, optimizer, scheduler = build_optimizer(config, model)
     hooks = training_hooks(model, config.adapter, t.max_steps)
     scaler = precision.grad_scaler_for(device)  # fp16 only; otherwise it passes everything through
@@ -73,7 +75,7 @@ def train_loop(worker: WorkerConfig) -> None:
     # ---------------------------------------------------------------- baseline
     if state.step == 0 and eval_blocks is not None:
         # the extended model before any training: what fine-tuning has to improve on
-        baseline = eval_blocks.loss(model, autocast)
+        baseline = eval_blocks.loss(loss_fn, autocast)
         if baseline:
             tracker.log_metrics(baseline, 0)
             print("[longtune] before training: " + "  ".join(_fmt(k, v) for k, v in baseline.items()))
@@ -116,7 +118,7 @@ def train_loop(worker: WorkerConfig) -> None:
 
         # ------------------------------------------------------------ eval, checkpoint, report
         if checkpoint_now and eval_blocks is not None:
-            metrics.update(eval_blocks.loss(model, autocast))
+            metrics.update(eval_blocks.loss(loss_fn, autocast))
         if rank == 0:
             tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, state.step)
             print("[longtune] " + "  ".join(_fmt(k, v) for k, v in metrics.items()))
@@ -163,6 +165,13 @@ def build_model(config: Config, model_path: str, device, precision: Precision | 
     return model.to(device)
 
 
+def build_loss(config: Config, model) -> LanguageModelLoss:
+    """The language-model loss of ``model`` as train.chunked_loss and train.loss_chunk_tokens
+    say (train/loss.py): the module a data-parallel wrapper wraps."""
+    t = config.train
+    return LanguageModelLoss(model, t.loss_chunk_tokens if t.chunked_loss else None)
+
+
 def build_optimizer(config: Config, model):
     """AdamW over the trainable parameters, constant learning rate after a linear warm-up."""
     from transformers import get_constant_schedule_with_warmup
@@ -199,14 +208,19 @@ def optimizer_step(model, micro_batches: list[dict[str, torch.Tensor]], params, 
     on the worker's device); returns this rank's language-model loss as sums (an adapter's
     extra loss, e.g. LoRA²'s orthogonality penalty, is trained on but not included).
 
+    ``model``: a ``LanguageModelLoss`` (``build_loss``), bare or inside DDP/FSDP, or a bare
+    causal LM, whose loss is then built from the config here. A data-parallel wrapper of the
+    bare model is refused: the chunked loss would run around it, bypassing its gradient sync.
+
     The gradient is that of the step's global loss: token losses summed over every
     micro-batch and rank, divided by the number of target tokens of all ranks (one small
-    all-reduce per step), so a padded block weighs only its real tokens. ``model`` may be a
-    DDP wrapper, which averages gradients over ranks (hence the world-size factor) and syncs
+    all-reduce per step), so a padded block weighs only its real tokens. A DDP wrapper (of the
+    loss) averages gradients over ranks (hence the world-size factor) and syncs
     on the last micro-batch only. ``hooks`` (``longtune.adapters.training_hooks``) run with
     ``step``, this step's number counted from 1, after the optimizer step, before zero_grad.
     ``scaler`` (fp16: ``Precision.grad_scaler_for``) scales the loss; a step it skips for
     inf/nan gradients does not reach the hooks (LoRA²'s allocator would read them)."""
+    loss_fn = _loss_module(model, config)
     inputs = [block_inputs(batch) for batch in micro_batches]
     device = inputs[0][0].device
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)  # passes everything through
@@ -216,10 +230,10 @@ def optimizer_step(model, micro_batches: list[dict[str, torch.Tensor]], params, 
     result = StepLoss(tokens=local_tokens)
     for i, (ids, positions, labels) in enumerate(inputs):
         last = i == len(inputs) - 1
-        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        sync = contextlib.nullcontext() if last or not hasattr(loss_fn, "no_sync") else loss_fn.no_sync()
         with sync:
             with autocast:
-                loss_sum = token_loss_sum(model, ids, positions, labels)
+                loss_sum = loss_fn(ids, positions, labels)
             objective = loss_sum * scale
             extra = hooks.extra_loss() if hooks is not None else None
             if extra is not None:
@@ -236,6 +250,19 @@ def optimizer_step(model, micro_batches: list[dict[str, torch.Tensor]], params, 
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return result
+
+
+def _loss_module(model, config: Config):
+    """``model`` as the loss module optimizer_step calls (see its docstring)."""
+    if isinstance(model, LanguageModelLoss) or isinstance(getattr(model, "module", None), LanguageModelLoss):
+        return model
+    if isinstance(getattr(model, "module", None), torch.nn.Module):
+        raise TypeError(
+            f"optimizer_step got a {type(model).__name__} around {type(model.module).__name__}: wrap "
+            "the loss, not the model (DDP(build_loss(config, model))), so the wrapper's forward, "
+            "which prepares its gradient sync, is the one that runs"
+        )
+    return build_loss(config, model)
 
 
 def _batches(shard, batch_size: int, state: TrainState, device) -> Iterator[dict[str, torch.Tensor]]:
@@ -281,19 +308,22 @@ class _EvalBlocks:
                 break
         return blocks
 
-    def loss(self, model, autocast) -> dict[str, float]:
+    def loss(self, loss_fn: LanguageModelLoss, autocast) -> dict[str, float]:
+        """eval_loss and eval_ppl of the held-out blocks, by ``loss_fn`` (unwrapped: rank 0
+        alone runs it), whose model is in eval mode meanwhile."""
         if self.limit == 0:
             return {}
         if self.blocks is None:
             self.blocks = self._load()
         if not self.blocks:
             return {}
+        model = loss_fn.model
         model.eval()  # full attention, as LongLoRA evaluates
         total = StepLoss()
         with torch.no_grad(), autocast:
             for batch in self.blocks:
                 ids, positions, labels = block_inputs(batch)
-                total += StepLoss(token_loss_sum(model, ids, positions, labels).item(), target_count(labels))
+                total += StepLoss(loss_fn(ids, positions, labels).item(), target_count(labels))
         model.train()
         return {"eval_loss": total.mean, "eval_ppl": math.exp(total.mean)}
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from longtune.config import Config, ConfigError, load_config
 from longtune.errors import LongtuneError, one_line
+from longtune.plan import GPUS as PLAN_GPUS
 
 
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+=")
@@ -35,12 +36,24 @@ class Flag:
 
 
 @dataclass(frozen=True)
+class Option:
+    """A command's own argument that is not a config setting (``plan --gpu``): passed to the
+    command's function as the keyword ``dest``."""
+
+    name: str
+    dest: str
+    help: str
+    flag: bool = False  # a switch (store_true) rather than a value
+
+
+@dataclass(frozen=True)
 class Command:
     name: str
     help: str
     issue: int  # the issue that delivers it, named while it is still open
     run: str | None = None  # "module:function", imported only when run (keeps --help fast)
     flags: tuple[Flag, ...] = field(default_factory=tuple)
+    options: tuple[Option, ...] = field(default_factory=tuple)
 
 
 COMMANDS: tuple[Command, ...] = (
@@ -96,6 +109,16 @@ COMMANDS: tuple[Command, ...] = (
             Flag("--out", "export.output_dir", "where to write the merged model"),
         ),
     ),
+    Command(
+        "plan",
+        "predict a run's peak GPU memory (broken down), whether it fits, its longest context and FLOPs",
+        15,
+        run="longtune.plan:plan_command",
+        options=(
+            Option("--gpu", "gpu", "the GPU each worker gets: " + ", ".join(PLAN_GPUS)),
+            Option("--json", "as_json", "print one JSON object instead of the table", flag=True),
+        ),
+    ),
 )
 
 
@@ -120,6 +143,11 @@ def add_command_arguments(parser: argparse.ArgumentParser, cmd: Command) -> None
         parser.add_argument(
             flag.name, dest=flag.key, type=flag.type, nargs=flag.nargs, help=f"{flag.help} ({flag.key})"
         )
+    for option in cmd.options:
+        if option.flag:
+            parser.add_argument(option.name, dest=option.dest, action="store_true", help=option.help)
+        else:
+            parser.add_argument(option.name, dest=option.dest, help=option.help)
     # Overrides are collected from the leftover arguments (see main): a `nargs="*"`
     # positional beside `nargs="+"` flags makes argparse misread `--source a b x=1`.
     parser.usage = "%(prog)s [options] [KEY=VALUE ...]"
@@ -136,7 +164,7 @@ def resolve_config(args: argparse.Namespace, cmd: Command) -> Config:
     return load_config(args.config, overrides)
 
 
-def run_command(cmd: Command, config: Config) -> int:
+def run_command(cmd: Command, config: Config, options: dict[str, object] | None = None) -> int:
     import importlib
 
     if cmd.run is None:
@@ -145,7 +173,7 @@ def run_command(cmd: Command, config: Config) -> int:
         )
     module_name, _, func_name = cmd.run.partition(":")
     func = getattr(importlib.import_module(module_name), func_name)
-    return int(func(config) or 0)
+    return int(func(config, **(options or {})) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             sys.stdout.write(config.to_yaml())
             return 0
-        return run_command(cmd, config)
+        return run_command(cmd, config, {o.dest: getattr(args, o.dest) for o in cmd.options})
 
     return _exit_code(cmd, resolve_and_run)
 

@@ -1,0 +1,879 @@
+"""Memory and FLOPs of a training run, per GPU, before launch: ``longtune plan``.
+
+    longtune plan --config pipelines/configs/llama2-7b-32k.yaml --gpu a100-80gb [--json]
+
+From the model's config.json alone (a local directory, or one of the configs shipped in
+``longtune/model_configs`` named by hub id; nothing is downloaded) and the run's config,
+``plan_run`` predicts the peak of allocated tensor memory on one worker's GPU (what
+``torch.cuda.max_memory_allocated`` reports) and where it is reached, whether that fits the
+named GPU with a safety margin, the longest context that fits with the same settings, and
+the FLOPs of a step.
+
+How. Formulas that follow the code path a step really takes, tensor by tensor: what the
+base model, the adapter (PEFT LoRA with its fp32 input casts, the fp32 trained copies of
+embeddings and norms and the hooks that cast their outputs back), the attention backend,
+the loss (stock or chunked, ``train/loss.py``), gradient checkpointing and AdamW allocate,
+and what autograd keeps for the backward. The step is cut into phases (the forward, the
+loss's backward, the last layer's recompute and backward, the embedding's backward, the
+optimizer step); the peak is the largest phase, and ``breakdown`` is that phase's live set.
+
+What was checked where. On the CPU, the real training step (``train/loop.py``'s model
+build and ``optimizer_step``) is measured with a tensor-level tracker on tiny models and
+compared with ``plan_run(..., device="cpu")`` (tests/test_plan.py): weights, trained copies,
+AdamW, gradients, the checkpointed layer inputs, one layer's recompute, the LM head and
+the loss (chunked or not), in fp32 and in bf16 weights with bf16 autocast (the dtype layout
+of a GPU run). The CPU runs S2-Attn through SDPA with a hand-written backward, the GPU
+through flash-attn / torch varlen kernels: the attention terms of the GPU backends
+(``flash``, ``varlen``, CUDA ``sdpa``), DDP's gradient buckets, the CUDA caching
+allocator's rounding and the kernels' internal workspaces are modelled from their source
+and only a GPU can check them (``benchmarks/gpu_check.py`` prints predicted vs measured).
+
+Assumptions, stated in every plan: ``attention.backend: auto`` on a GPU is flash-attn (the
+cluster YAMLs install it); rows may hold several documents when ``data.position_ids`` is
+``document`` (the default), so backends that build document masks (CUDA SDPA for S2, the
+model's own SDPA for ``attention.type: full``) are charged their worst case; rows of one
+document each cost no masks.
+
+No Ray and no MLflow here; torch is imported for dtypes only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from longtune.config import SEED_MODEL, Config, ConfigError, with_overrides
+
+GiB = 2**30
+MiB = 2**20
+
+SAFETY_MARGIN = 0.10
+"""Share of the GPU kept free: the caching allocator's fragmentation and estimate error."""
+RESERVED_BYTES = 1 * GiB
+"""Kept for what no tensor accounts for: the CUDA context, NCCL buffers, cuBLAS workspaces."""
+UTILISATION = 0.40
+"""Model FLOPs utilisation the step-time estimate assumes (dense bf16 peak x this)."""
+MAX_CONTEXT_CAP = 1 << 24
+"""The longest context ``max_context`` searches up to (16M tokens)."""
+
+MODEL_CONFIGS = Path(__file__).with_name("model_configs")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class GPU:
+    """A GPU kind: its memory as torch reports it (``total_memory``), whether it computes
+    bf16 natively, and its dense bf16 tensor-core peak."""
+
+    name: str
+    label: str
+    memory_bytes: int
+    bf16: bool
+    peak_tflops: float
+
+    @property
+    def budget_bytes(self) -> int:
+        """What a run may allocate and still fit: the memory less the safety margin and the
+        reserve for the CUDA context and communication buffers."""
+        return int(self.memory_bytes * (1 - SAFETY_MARGIN) - RESERVED_BYTES)
+
+
+GPUS: dict[str, GPU] = {
+    "a100-40gb": GPU("a100-40gb", "NVIDIA A100 40GB", 40_536 * MiB, True, 312.0),
+    "a100-80gb": GPU("a100-80gb", "NVIDIA A100 80GB", 81_152 * MiB, True, 312.0),
+    "h100-80gb": GPU("h100-80gb", "NVIDIA H100 80GB (SXM)", 81_559 * MiB, True, 989.0),
+    "h200": GPU("h200", "NVIDIA H200 141GB", 143_771 * MiB, True, 989.0),
+}
+
+INSTANCE_GPUS: dict[str, str] = {
+    # AWS
+    "p4d.24xlarge": "a100-40gb",
+    "p4de.24xlarge": "a100-80gb",
+    "p5.48xlarge": "h100-80gb",
+    "p5e.48xlarge": "h200",
+    "p5en.48xlarge": "h200",
+    # Google Cloud (the A2/A3 machine types attach their GPUs themselves)
+    "a2-highgpu-8g": "a100-40gb",
+    "a2-ultragpu-8g": "a100-80gb",
+    "a3-highgpu-8g": "h100-80gb",
+    "a3-megagpu-8g": "h100-80gb",
+    "a3-ultragpu-8g": "h200",
+}
+"""Cloud instance type -> the GPU it carries (tests plan each recipe on its cluster's GPU)."""
+
+
+def gpu_named(name: str) -> GPU:
+    try:
+        return GPUS[name]
+    except KeyError:
+        raise ConfigError(f"unknown GPU {name!r}: plan knows {', '.join(GPUS)}") from None
+
+
+# ---------------------------------------------------------------- the model's shape
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What memory and FLOPs depend on, read from a config.json."""
+
+    source: str
+    model_type: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    sliding_window: int | None
+    max_positions: int
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def linear_shapes(self) -> dict[str, tuple[int, int, bool]]:
+        """name -> (in, out, bias) of one decoder layer's linear layers."""
+        h, i = self.hidden, self.intermediate
+        return {
+            "q_proj": (h, self.q_dim, self.qkv_bias), "k_proj": (h, self.kv_dim, self.qkv_bias),
+            "v_proj": (h, self.kv_dim, self.qkv_bias), "o_proj": (self.q_dim, h, self.o_bias),
+            "gate_proj": (h, i, self.mlp_bias), "up_proj": (h, i, self.mlp_bias), "down_proj": (i, h, self.mlp_bias),
+        }
+
+    def layer_linear_params(self) -> int:
+        return sum(a * b + (b if bias else 0) for a, b, bias in self.linear_shapes().values())
+
+    def layer_norm_params(self) -> int:
+        return 2 * self.hidden + (2 * self.head_dim if self.qk_norm else 0)
+
+    def params(self) -> int:
+        embed = self.vocab * self.hidden
+        head = 0 if self.tied else self.vocab * self.hidden
+        return embed + head + self.hidden + self.layers * (self.layer_linear_params() + self.layer_norm_params())
+
+
+def shipped_models() -> list[str]:
+    """The hub ids whose config.json ships with longtune (``model_configs/<org>--<name>.json``)."""
+    return sorted(p.stem.replace("--", "/", 1) for p in MODEL_CONFIGS.glob("*.json"))
+
+
+def model_shape(name_or_path: str, cache_dir: str | None = None) -> ModelShape:
+    """The shape of ``name_or_path``: a local directory holding a config.json (or the file
+    itself), a shipped hub id, or the seed model. Raises ConfigError naming what it tried."""
+    if name_or_path == SEED_MODEL:
+        return _seed_shape(cache_dir)
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return _shape_from_file(path / "config.json", name_or_path)
+    if path.is_file():
+        return _shape_from_file(path, name_or_path)
+    shipped = MODEL_CONFIGS / (name_or_path.replace("/", "--", 1) + ".json")
+    if "/" in name_or_path and shipped.is_file():
+        return _shape_from_file(shipped, f"{name_or_path} (shipped config)")
+    raise ConfigError(
+        f"model.name_or_path={name_or_path!r}: plan works offline and needs a local directory with a "
+        f"config.json or one of the shipped configs: {', '.join(shipped_models())}"
+    )
+
+
+def _seed_shape(cache_dir: str | None) -> ModelShape:
+    from longtune import seed
+
+    built = seed.seed_model_dir(cache_dir) / "config.json"
+    if built.is_file():
+        return _shape_from_file(built, SEED_MODEL)
+    # not built yet: the shape it will have (seed.seed_model_config), without building it
+    raw = {"model_type": "llama", "vocab_size": seed.SEED_VOCAB_SIZE, "max_position_embeddings": seed.SEED_CONTEXT,
+           "tie_word_embeddings": False, **seed.SEED_SHAPE}
+    return _shape_from_dict(raw, SEED_MODEL)
+
+
+def _shape_from_file(path: Path, source: str) -> ModelShape:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read a model config from {str(path)!r}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"cannot read a model config from {str(path)!r}: not a JSON object")
+    return _shape_from_dict(raw, source)
+
+
+def _shape_from_dict(raw: dict[str, Any], source: str) -> ModelShape:
+    kind = raw.get("model_type")
+    if kind not in MODEL_TYPES:
+        raise ConfigError(
+            f"{source}: plan models the decoder layers of {', '.join(MODEL_TYPES)} models, "
+            f"this config has model_type={kind!r}"
+        )
+    try:
+        hidden, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
+        shape = dict(
+            hidden=hidden, intermediate=int(raw["intermediate_size"]), layers=int(raw["num_hidden_layers"]),
+            heads=heads, kv_heads=int(raw.get("num_key_value_heads") or heads),
+            head_dim=int(raw.get("head_dim") or hidden // heads), vocab=int(raw["vocab_size"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: the model config lacks a usable {exc} (hidden_size, intermediate_size, "
+                          "num_hidden_layers, num_attention_heads, vocab_size are needed)") from None
+    bias = bool(raw.get("attention_bias", False))
+    window = None
+    if kind == "mistral":
+        window = raw.get("sliding_window")
+    elif kind in ("qwen2", "qwen3") and raw.get("use_sliding_window"):
+        window = raw.get("sliding_window")
+    return ModelShape(
+        source=source, model_type=kind, **shape,
+        tied=bool(raw.get("tie_word_embeddings", False)),
+        qkv_bias=True if kind == "qwen2" else bias, o_bias=False if kind == "qwen2" else bias,
+        mlp_bias=bool(raw.get("mlp_bias", False)), qk_norm=kind == "qwen3",
+        sliding_window=int(window) if window else None,
+        max_positions=int(raw.get("max_position_embeddings") or 0),
+    )
+
+
+# ---------------------------------------------------------------- what the run trains
+
+
+@dataclass(frozen=True)
+class Trainables:
+    """Parameter counts of what the adapter trains (all fp32) and how."""
+
+    lora: int  # adapter factors (LoRA A/B, LoRA² factors, AdaLoRA A/E/B)
+    saved: int  # PEFT modules_to_save copies (embeddings, norms, a head)
+    largest: int  # the largest single trained tensor
+    targets: tuple[str, ...]  # the linear layers carrying an adapter
+    rank_inner: int  # per adapted linear: the widths of its adapter's intermediate activations
+    embed_trained: bool
+    norms_trained: bool
+    head_trained: bool  # a trained output head (a tied, trained embedding; or lm_head saved)
+    allocator_state: int  # LoRA²/AdaLoRA importance EMAs
+
+    @property
+    def total(self) -> int:
+        return self.lora + self.saved
+
+
+def trainables(config: Config, shape: ModelShape) -> Trainables:
+    a = config.adapter
+    if a.use_dora:
+        raise ConfigError("adapter.use_dora=true: plan does not model DoRA (it rebuilds every adapted weight each forward)")
+    targets = tuple(a.target_modules) if a.target_modules else ("q_proj", "k_proj", "v_proj", "o_proj")
+    unknown = [t for t in targets if t not in LINEARS]
+    if unknown:
+        raise ConfigError(f"adapter.target_modules={list(targets)}: plan models {', '.join(LINEARS)}, not {unknown}")
+    shapes = shape.linear_shapes()
+    r, k = a.rank, a.lora2.outer_rank
+    per_layer, inner = 0, 0
+    for t in targets:
+        n_in, n_out, _ = shapes[t]
+        if a.type == "lora2":
+            per_layer += k * n_in + r * k + r + k * r + n_out * k
+            inner = 2 * k + 2 * r
+        elif a.type == "adalora":
+            per_layer += r * n_in + r + n_out * r
+            inner = r
+        else:
+            per_layer += r * (n_in + n_out)
+            inner = r
+    lora = per_layer * shape.layers
+    embed = head = norms = False
+    saved = 0
+    if a.type in ("lora_plus", "lora2", "adalora"):
+        names = set(a.trainable_modules or ("embed_tokens", "input_layernorm", "post_attention_layernorm", "norm")
+                    + (("q_norm", "k_norm") if shape.qk_norm and not a.trainable_modules else ()))
+        known = {"embed_tokens", "lm_head", "norm", "input_layernorm", "post_attention_layernorm", "q_norm", "k_norm"}
+        unknown = sorted(names - known)
+        if unknown:
+            raise ConfigError(f"adapter.trainable_modules: plan models {', '.join(sorted(known))}, not {unknown}")
+        embed = "embed_tokens" in names
+        head = "lm_head" in names or (shape.tied and embed)
+        if embed:
+            saved += shape.vocab * shape.hidden
+        if "lm_head" in names and not shape.tied:
+            saved += shape.vocab * shape.hidden
+        saved += shape.layers * shape.hidden * (("input_layernorm" in names) + ("post_attention_layernorm" in names))
+        if shape.qk_norm:
+            saved += shape.layers * shape.head_dim * (("q_norm" in names) + ("k_norm" in names))
+        saved += shape.hidden if "norm" in names else 0
+        norms = "input_layernorm" in names or "post_attention_layernorm" in names
+    largest = max([shape.vocab * shape.hidden] if (embed or head) else [1]
+                  + [max(r * shapes[t][0], r * shapes[t][1]) for t in targets])
+    # importance EMAs: LoRA²'s two over its inner factors (Qin, E, Pin); PEFT AdaLoRA's three
+    # (importance, its EMA, the uncertainty's) over every factor
+    inner_params = shape.layers * len(targets) * (2 * r * k + r)
+    allocator = 2 * inner_params if a.type == "lora2" else 3 * lora if a.type == "adalora" else 0
+    return Trainables(lora, saved, largest, targets, inner, embed, norms, head, allocator)
+
+
+# ---------------------------------------------------------------- dtypes and backends
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Bytes per element: base weights (w), the residual stream / activations (a, = w), the
+    matmul compute dtype (c: autocast's, else w), and whether autocast is on."""
+
+    w: int
+    a: int
+    c: int
+    autocast: bool
+    describe: dict[str, Any]
+
+
+def layout(config: Config, device: str, bf16_native: bool | None) -> Layout:
+    from longtune.precision import resolve_precision
+
+    p = resolve_precision(config.model, config.train, device, bf16_native=bf16_native)
+    w = p.weights.itemsize
+    c = p.compute.itemsize if p.compute is not None else w
+    return Layout(w, w, c, p.compute is not None, p.describe())
+
+
+def attention_backend(config: Config, device: str) -> str:
+    """The kernel the plan charges: ``cpu-sdpa`` (the CPU's SDPA with the hand-written S2
+    backward), ``flash``, ``varlen``, ``cuda-sdpa`` for S2; ``full-sdpa`` for the model's own
+    attention (attention.type full)."""
+    if config.attention.type == "full":
+        return "full-sdpa"
+    if device == "cpu":
+        return "cpu-sdpa"
+    backend = config.attention.backend
+    return {"auto": "flash", "sdpa": "cuda-sdpa"}.get(backend, backend)
+
+
+# ---------------------------------------------------------------- the estimate
+
+
+@dataclass
+class Plan:
+    """A run's predicted memory (bytes, per GPU) and compute."""
+
+    model: str
+    gpu: GPU | None
+    device: str
+    context: int
+    batch: int
+    backend: str
+    layout: dict[str, Any]
+    phases: dict[str, dict[str, int]]
+    peak_phase: str
+    peak_bytes: int
+    max_context: int | None
+    flops: dict[str, float]
+    step_seconds: float | None
+    params: dict[str, int]
+    assumptions: list[str] = field(default_factory=list)
+    host_bytes: int = 0
+
+    @property
+    def breakdown(self) -> dict[str, int]:
+        return self.phases[self.peak_phase]
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.gpu is None else self.peak_bytes <= self.gpu.budget_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        gib = lambda b: round(b / GiB, 3)  # noqa: E731
+        out: dict[str, Any] = {
+            "model": self.model, "device": self.device, "context": self.context, "batch_per_worker": self.batch,
+            "attention_backend": self.backend, "precision": self.layout,
+            "peak_gib": gib(self.peak_bytes), "peak_phase": self.peak_phase,
+            "breakdown": {k: gib(v) for k, v in self.breakdown.items() if v},
+            "phases_gib": {name: gib(sum(terms.values())) for name, terms in self.phases.items()},
+            "max_context": self.max_context,
+            "flops_per_step": self.flops["step"], "attention_flops_share": round(self.flops["attention_share"], 4),
+            "attention_flops_s2_vs_full": round(self.flops["s2_vs_full"], 4),
+            "params": self.params, "host_pinned_gib": gib(self.host_bytes), "assumptions": self.assumptions,
+        }
+        if self.gpu is not None:
+            out.update(gpu=self.gpu.name, gpu_gib=gib(self.gpu.memory_bytes), budget_gib=gib(self.gpu.budget_bytes),
+                       fits=self.fits, utilisation=UTILISATION,
+                       step_seconds=round(self.step_seconds, 3) if self.step_seconds is not None else None)
+        return out
+
+
+def plan_run(config: Config, gpu: str | GPU | None = None, *, device: str = "cuda",
+             bf16_native: bool | None = None, search_max_context: bool = True) -> Plan:
+    """The plan of ``config``'s training run on one worker. ``gpu``: a name of ``GPUS`` (the
+    CLI's --gpu), for the fit and the step time; ``device="cpu"`` plans the CPU code path
+    instead (what the tests measure). Raises ConfigError for what plan does not model."""
+    if config.train.strategy != "ddp":
+        raise ConfigError(f"train.strategy={config.train.strategy}: plan models ddp (data parallel) only today")
+    if device not in ("cuda", "cpu"):
+        raise ConfigError(f"plan: device must be cuda or cpu, got {device!r}")
+    spec = gpu_named(gpu) if isinstance(gpu, str) else gpu
+    if device == "cuda" and bf16_native is None:
+        bf16_native = spec.bf16 if spec is not None else True
+    shape = model_shape(config.model.name_or_path, config.model.cache_dir)
+    trained = trainables(config, shape)
+    lay = layout(config, device, bf16_native)
+    backend = attention_backend(config, device)
+    n = config.context_length
+    phases, host, notes = _phases(config, shape, trained, lay, backend, device, n)
+    peak_phase = max(phases, key=lambda p: sum(phases[p].values()))
+    peak = sum(phases[peak_phase].values())
+    max_ctx = None
+    if spec is not None and search_max_context:
+        max_ctx = max_context(config, spec, device=device, bf16_native=bf16_native)
+    flops = step_flops(config, shape, trained, n)
+    seconds = flops["step"] / (spec.peak_tflops * 1e12 * UTILISATION) if spec is not None else None
+    notes = [*notes, f"per worker: {config.train.batch_size_per_worker} block(s) of {n} tokens per micro-batch, "
+             f"{config.train.grad_accum_steps} micro-batch(es) per step, {config.scaling.num_workers} worker(s)"]
+    params = {"base": shape.params(), "trained": trained.total, "adapter": trained.lora, "saved_modules": trained.saved}
+    return Plan(shape.source, spec, device, n, config.train.batch_size_per_worker, backend, lay.describe, phases,
+                peak_phase, peak, max_ctx, flops, seconds, params, notes, host)
+
+
+def peak_bytes(config: Config, gpu: GPU | None, device: str = "cuda", bf16_native: bool | None = None) -> int:
+    return plan_run(config, gpu, device=device, bf16_native=bf16_native, search_max_context=False).peak_bytes
+
+
+def max_context(config: Config, gpu: GPU, *, device: str = "cuda", bf16_native: bool | None = None) -> int:
+    """The longest model.target_context (in multiples of 1024 tokens, blocks of that length)
+    whose plan fits ``gpu`` with every other setting as configured; 0 when none does."""
+
+    def fits(n: int) -> bool:
+        trial = with_overrides(config, {"model.target_context": n, "data.context_length": None})
+        return peak_bytes(trial, gpu, device, bf16_native) <= gpu.budget_bytes
+
+    step = 1024
+    if not fits(step):
+        return 0
+    low, high = 1, 2
+    while high * step <= MAX_CONTEXT_CAP and fits(high * step):
+        low, high = high, high * 2
+    if high * step > MAX_CONTEXT_CAP:
+        return MAX_CONTEXT_CAP
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid * step) else (low, mid)
+    return low * step
+
+
+def _group_size(config: Config, n: int) -> int:
+    """S2's group size for ``n`` tokens, by ``longtune.attention.s2.resolve_group_size``'s
+    rule (repeated here: importing the attention package imports transformers, seconds of
+    a plan's run; a test keeps the two equal)."""
+    if config.attention.group_size is not None:
+        return config.attention.group_size
+    g = int(n * config.attention.group_size_ratio)
+    return max(2, g - g % 2)
+
+
+def _phases(config: Config, s: ModelShape, tr: Trainables, lay: Layout, backend: str, device: str, n: int):
+    """The live tensor bytes of each phase of one optimizer step (see the module docstring)."""
+    t_cfg = config.train
+    b = t_cfg.batch_size_per_worker
+    tok = b * n  # tokens of a micro-batch
+    a, c, w = lay.a, lay.c, lay.w
+    h, i, qd, kvd = s.hidden, s.intermediate, s.q_dim, s.kv_dim
+    notes: list[str] = []
+    gc = config.model.gradient_checkpointing
+    offload = config.model.activation_offload and device == "cuda"
+
+    # ------------------------------------------------------------ static
+    static = {
+        "base_weights": s.params() * w,
+        "trainable_params": tr.total * 4,
+        "optimizer_state": tr.total * 8 + tr.allocator_state * 4,
+    }
+    if config.scaling.num_workers > 1 and device == "cuda":
+        static["ddp_buckets"] = tr.total * 4  # gradient_as_bucket_view=False: a second copy
+    all_grads = tr.total * 4
+    # the head's gradient (a tied, trained embedding's too) arises in the loss's backward;
+    # an untied embedding's only at the very end
+    head_grad = s.vocab * h * 4 if tr.head_trained else 0
+    embed_grad = s.vocab * h * 4 if tr.embed_trained and not s.tied else 0
+    small_grads = all_grads - embed_grad - head_grad
+    tied_embed_extra = s.vocab * h * 4 if tr.embed_trained and s.tied else 0  # before it is summed in
+    accumulating = t_cfg.grad_accum_steps > 1  # later micro-batches find every gradient there
+
+    # ------------------------------------------------------------ per layer, per token
+    lora_set = set(tr.targets)
+    shapes = s.linear_shapes()
+
+    def norm_saved(width: int, trained: bool, input_counted: bool, dtype: int | None = None) -> int:
+        """RMSNorm over an input of ``dtype`` bytes (the activations' by default): x.to(fp32)
+        kept by pow (the input itself when it is fp32, counted elsewhere if
+        ``input_counted``), and the normalised x in the input dtype kept by a trained
+        weight's mul."""
+        dtype = dtype or a
+        out = 4 * width if (dtype != 4 or not input_counted) else 0
+        return out + (dtype * width if trained else 0)
+
+    def linear_saved(name: str) -> int:
+        """What one linear keeps for its backward. A frozen weight's matmul keeps no input
+        (its gradient is grad @ W); an adapter's first factor keeps its input, which PEFT
+        casts to fp32 and autocast then to the compute dtype (a copy), or x itself."""
+        if name not in lora_set:
+            return 0
+        n_in, n_out, _ = shapes[name]
+        kept = (c * n_in if lay.autocast else 0) + c * tr.rank_inner
+        if config.adapter.type == "adalora":
+            kept += c * n_out  # PEFT's SVDLinear keeps its update's output (measured)
+        return kept
+
+    def reads_as_is(names: tuple[str, ...]) -> bool:
+        """Whether an adapter factor keeps the very tensor these layers read (no autocast)."""
+        return not lay.autocast and bool(lora_set & set(names))
+
+    trained_norms = tr.norms_trained
+    norm1 = norm_saved(h, trained_norms, input_counted=gc) + (a * h if reads_as_is(("q_proj", "k_proj", "v_proj")) else 0)
+    qkv = sum(linear_saved(p) for p in ("q_proj", "k_proj", "v_proj"))
+    if s.qk_norm:
+        qkv += norm_saved(qd, trained_norms, False, c) + norm_saved(kvd, trained_norms, False, c)
+    attn_saved, attn_bwd, attn_fixed, attn_step, attn_note = _attention(config, s, lay, backend, b, n, reads_as_is(("o_proj",)))
+    if attn_note:
+        notes.append(attn_note)
+    o_lin = linear_saved("o_proj")
+    h_mid = a * h if a == 4 else 0  # fp32 residual: the second norm saves its input itself
+    norm2 = norm_saved(h, trained_norms, input_counted=True) + h_mid + (a * h if reads_as_is(("gate_proj", "up_proj")) else 0)
+    # the MLP keeps gate's output (SiLU's input), SiLU's output and up's output (the
+    # product's factors); down_proj's frozen matmul keeps nothing, an adapted one the
+    # product (as is, or PEFT's cast), which its backward frees before the product's runs
+    mlp = 3 * c * i + sum(linear_saved(p) for p in ("gate_proj", "up_proj"))
+    down_lora = "down_proj" in lora_set
+    # the recompute's forward at down_proj: the product and down's base output besides the
+    # saved factors; the residual and the norm's output still held as locals; PEFT's fp32
+    # copy of the product and its cast for an adapted down_proj
+    mlp_forward_peak = (4 * c * i + c * h + (a * h if a != 4 else 0) + (0 if reads_as_is(("gate_proj", "up_proj")) else a * h)
+                        + ((4 * i if c != 4 else 0) + (c * i if lay.autocast else 0) if down_lora else 0))
+    layer_saved = norm1 + qkv + o_lin + norm2 + mlp  # per token, without attention
+    # the MLP's backward: d(product) and d(both factors), with the incoming gradient
+    mlp_bwd = 3 * c * i + a * h
+    lora_bwd = (4 + c) * h if (lay.autocast and lora_set) else 0  # PEFT's fp32 cast, backwards
+    pre_attention = norm1 + qkv + o_lin  # what is still saved when the attention's backward runs
+    # autocast casts frozen fp32 weights at each call, and their matmuls keep the copy for
+    # the input gradient: the layer's, less those whose backward has run
+    weight_copies_mlp = weight_copies_attn = 0
+    if lay.autocast and w != c:
+        sizes = {k: a_ * b_ for k, (a_, b_, _) in shapes.items()}
+        weight_copies_mlp = c * (sum(sizes.values()) - sizes["down_proj"])
+        weight_copies_attn = c * sum(sizes[k] for k in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    weight_copies = weight_copies_mlp
+
+    # ------------------------------------------------------------ shared activations
+    ckpt_tensor = a * h * tok
+    shared = {"inputs_and_rope": tok * (8 * 4) + 2 * a * b * n * s.head_dim}
+    if offload:
+        # the layer inputs wait in pinned host memory; the GPU holds the one in use
+        ckpt_live, ckpt_fwd = 2 * ckpt_tensor, 2 * ckpt_tensor
+        host = s.layers * ckpt_tensor
+        notes.append(f"activation offload: {host / GiB:.1f} GiB of layer inputs in pinned host memory per worker")
+    else:
+        host = 0
+        ckpt_live = s.layers * ckpt_tensor  # h_0 .. h_{L-1} (h_L is the final norm's input)
+        ckpt_fwd = s.layers * ckpt_tensor
+
+    # ------------------------------------------------------------ the LM head and the loss
+    head = _head_terms(config, s, tr, lay, b, n)
+
+    phases: dict[str, dict[str, int]] = {}
+
+    def phase(name: str, **terms: int) -> None:
+        phases[name] = {**static, **{k: v for k, v in terms.items()}}
+
+    grads_in_backward = all_grads if accumulating else small_grads
+    if gc:
+        phase(
+            "forward",
+            gradients=all_grads if accumulating else 0,
+            checkpointed_activations=ckpt_fwd + ckpt_tensor + shared["inputs_and_rope"],
+            layer_recompute=tok * (a * h + 3 * c * i),
+            attention=attn_step,
+            autocast_weight_copies=weight_copies,
+        )
+        phase(
+            "loss_forward",
+            gradients=all_grads if accumulating else 0,
+            checkpointed_activations=ckpt_live + shared["inputs_and_rope"],
+            lm_head_loss=head["forward"],
+            attention=attn_fixed,
+        )
+        phase(
+            "loss_backward",
+            gradients=all_grads if accumulating else 0,
+            checkpointed_activations=ckpt_live + shared["inputs_and_rope"],
+            lm_head_loss=head["backward"],
+            attention=attn_fixed,
+        )
+        phase(
+            "last_layer_backward (mlp)",
+            gradients=grads_in_backward + (0 if accumulating else head_grad),
+            checkpointed_activations=ckpt_live + shared["inputs_and_rope"],
+            layer_recompute=tok * (layer_saved + mlp_bwd),
+            attention=tok * attn_saved + attn_fixed,
+            autocast_weight_copies=weight_copies,
+        )
+        # RMSNorm's backward (post_attention_layernorm) runs in fp32: its x.to(fp32) and some
+        # five [T, H] fp32 temporaries (pow's, mean's, the products'), the MLP freed by then
+        phase(
+            "last_layer_backward (norm)",
+            gradients=grads_in_backward + (0 if accumulating else head_grad),
+            checkpointed_activations=ckpt_live + shared["inputs_and_rope"],
+            layer_recompute=tok * (pre_attention + 4 * h + 5 * 4 * h + (a * h if a != 4 else 0)),
+            attention=tok * attn_saved + attn_fixed,
+            autocast_weight_copies=weight_copies_attn,
+        )
+        phase(
+            "last_layer_recompute (mlp)",
+            gradients=grads_in_backward + (0 if accumulating else head_grad),
+            checkpointed_activations=ckpt_live + shared["inputs_and_rope"],
+            # the gradient arriving from the layers above, and the final norm's last one in flight
+            layer_recompute=tok * (layer_saved - mlp + mlp_forward_peak + sum(linear_saved(p) for p in ("gate_proj", "up_proj")) + (2 if a != 4 else 1) * a * h),
+            attention=tok * attn_saved + attn_fixed,
+            autocast_weight_copies=weight_copies_mlp + (c * i * h if lay.autocast and w != c else 0),
+        )
+        phase(
+            "last_layer_backward (attention)",
+            gradients=grads_in_backward + (0 if accumulating else head_grad),
+            checkpointed_activations=ckpt_live + shared["inputs_and_rope"],
+            layer_recompute=tok * (pre_attention + a * h + c * qd + lora_bwd),
+            attention=tok * (attn_saved + attn_bwd) + attn_fixed,
+            autocast_weight_copies=weight_copies_attn,
+        )
+    else:
+        per_layer = tok * (layer_saved + attn_saved)
+        phase(
+            "loss_backward",
+            gradients=all_grads if accumulating else 0,
+            checkpointed_activations=shared["inputs_and_rope"] + ckpt_tensor,
+            layer_recompute=s.layers * per_layer,
+            lm_head_loss=head["backward"],
+            attention=attn_fixed,
+            autocast_weight_copies=s.layers * weight_copies,
+        )
+        phase(
+            "last_layer_backward (mlp)",
+            gradients=grads_in_backward + (0 if accumulating else head_grad),
+            checkpointed_activations=shared["inputs_and_rope"],
+            layer_recompute=s.layers * per_layer + tok * mlp_bwd,
+            attention=attn_fixed,
+            autocast_weight_copies=s.layers * weight_copies,
+        )
+    phase(
+        "embedding_backward",
+        gradients=all_grads + tied_embed_extra,
+        checkpointed_activations=shared["inputs_and_rope"] + tok * (4 + a) * h,
+    )
+    opt_temp = tr.total * 4 if device == "cuda" else 2 * tr.largest * 4  # foreach vs per tensor
+    phase("optimizer_step", gradients=all_grads, optimizer_step_temporaries=opt_temp)
+    return phases, host, notes
+
+
+def _head_terms(config: Config, s: ModelShape, tr: Trainables, lay: Layout, b: int, n: int) -> dict[str, int]:
+    """The final norm, the LM head and the cross-entropy, forward and backward, stock or
+    chunked (train/loss.py): bytes live at each one's peak."""
+    a, c, w = lay.a, lay.c, lay.w
+    h, v = s.hidden, s.vocab
+    tok, targets = b * n, b * (n - 1)
+    t = config.train
+    # final norm: x.to(fp32) (the fp32 input itself, h_L, when activations are fp32), and the
+    # normalised x for a trained weight; a frozen head keeps no input
+    norm = 4 * h * tok + (a * h * tok if tr.norms_trained else 0)
+    head_input = (c if lay.autocast else a) * h * tok if tr.head_trained else 0
+    head_weight_cast = c * v * h if (lay.autocast and (tr.head_trained or w != c)) else 0
+    logits_dtype = c if lay.autocast else 4 if tr.head_trained else w
+    head_grad = v * h * 4 if tr.head_trained else 0
+    step = max(1, t.loss_chunk_tokens // max(b, 1)) if t.chunked_loss else None
+    chunked = step is not None and step < n - 1
+
+    def ce(rows: int, with_logits: bool) -> tuple[int, int]:
+        """(forward peak, backward peak) bytes of lm_head + cross_entropy over ``rows`` rows."""
+        fp32_copy = 4 * rows * v if (logits_dtype != 4 or b > 1) else 0
+        logits = logits_dtype * rows * v if with_logits else 0
+        fwd = logits + fp32_copy + 4 * rows * v
+        # log_softmax's saved output, nll_loss's gradient, log_softmax's gradient
+        bwd = 12 * rows * v
+        return fwd, bwd
+
+    if not chunked:
+        rows_fwd = tok if not t.chunked_loss else targets  # the stock path scores every position
+        fwd, bwd = ce(targets, True)
+        fwd += (logits_dtype * (rows_fwd - targets) * v)
+        # the cross-entropy's backward runs before the head's: no head gradient exists yet
+        return {
+            "forward": norm + head_input + head_weight_cast + fwd,
+            "backward": norm + head_input + head_weight_cast + bwd,
+            "head_grad": head_grad,
+        }
+    rows = b * step
+    fwd, bwd = ce(rows, True)
+    recompute = logits_dtype * rows * v + (4 * rows * v if logits_dtype != 4 else 0) + 4 * rows * v
+    grads_of_chunks = a * h * targets  # each chunk's d(hidden), held until the split's backward
+    final_hidden = a * h * tok  # the chunks' checkpoints keep their inputs: the final hidden states
+    # a trained head's weight gradient, summed over the chunks already done: in the compute
+    # dtype under autocast (next to this chunk's own cast of the weight), else the fp32 .grad
+    head_partial = (c * v * h if lay.autocast else head_grad) if tr.head_trained else 0
+    return {
+        "forward": norm + final_hidden + fwd + head_weight_cast,
+        "backward": norm + final_hidden + max(bwd, recompute) + grads_of_chunks + head_weight_cast + head_partial,
+        "head_grad": head_grad,
+    }
+
+
+def _attention(config: Config, s: ModelShape, lay: Layout, backend: str, b: int, n: int, out_kept: bool):
+    """Attention's bytes: (saved per token, backward extra per token, fixed bytes for the
+    whole step (masks), forward transient bytes, a note)."""
+    a, c = lay.a, lay.c
+    e = max(a, c)  # RoPE's output: q (compute dtype) times cos (activation dtype)
+    qd, kvd, heads = s.q_dim, s.kv_dim, s.heads
+    rep = s.heads // s.kv_heads
+    packed = config.data.position_ids == "document"
+    tok = b * n
+    note = None
+    fixed = 0
+    if backend == "cpu-sdpa":
+        g = _group_size(config, n)
+        pad = (-n % g) if n > g else 0
+        grow = (n + pad) / n
+        q = c * qd  # cast to the compute dtype when RoPE left it wider, else q itself
+        k = c * (qd if rep > 1 else kvd)
+        v = c * (qd if rep > 1 else kvd)
+        saved = (q + k + v + c * qd) * grow + 4 * heads * grow
+        if e != c:
+            pass  # the casts are the saved q/k; RoPE's wider q/k are freed when attention returns
+        bwd = 3 * c * qd * grow + (2 * c * kvd if rep > 1 else 0) + (e * (qd + kvd) if e != c else 0)
+        transient = tok * (e * (qd + kvd) + c * kvd)
+        return saved, bwd, fixed, transient, note
+    if backend in ("flash", "varlen"):
+        split_rep = not (n <= _group_size(config, n)) and (heads // 2) % rep
+        kv = qd if split_rep else kvd
+        # the kernel keeps its gathered q/k/v and its output (per half of the heads); the
+        # [T, H, D] buffer it is scattered into is kept only by an fp32 adapter on o_proj
+        saved = c * qd + 2 * c * kv + c * qd + (c * qd if out_kept else 0) + 4 * heads
+        bwd = (c * qd / 2 + c * (qd + 2 * kv) / 2 + 2 * qd + 2 * c * (qd + 2 * kv))
+        transient = tok * (e * (qd + kvd) + c * kvd + (c * (qd + kvd) if e != c else 0))
+        return saved, bwd, fixed, transient, note
+    if backend == "cuda-sdpa":
+        g = _group_size(config, n)
+        kq = c * qd
+        saved = 3 * kq + kq + (kq if out_kept else 0) + 4 * heads  # q, k, v repeated, the spans' outputs, out
+        bwd = 6 * kq  # plain autograd: each piece's slice backward allocates its input's size
+        if packed:
+            groups = math.ceil(n / g)
+            fixed = b * (2 * groups) * g * g * (1 + c)  # worst case: every group holds a document start
+            note = (f"attention.backend=sdpa with packed rows: up to {fixed / GiB:.1f} GiB of per-group document "
+                    "masks (varlen/flash need none; rows of one document need none)")
+        transient = tok * (e * (qd + kvd) + 3 * kq)
+        return saved, bwd, fixed, transient, note
+    # full attention: the model's own SDPA (transformers), causal, GQA native without a mask
+    window = s.sliding_window if s.sliding_window and s.sliding_window < n else None
+    masked = packed or window is not None
+    kv = qd if (masked and rep > 1) else kvd  # with a mask transformers repeats the kv heads
+    # q, k, v and the kernel's output (laid out [B, N, H, D]: transformers' transpose and
+    # .contiguous() are views of it), its log-sum-exp
+    saved = c * qd + 2 * c * kv + c * qd + 4 * heads
+    bwd = c * (qd + 2 * kv) + (4 * qd if lay.c != 4 else 0)  # dq, dk, dv and flash's fp32 dq accumulator
+    transient = tok * (e * (qd + kvd) + 2 * c * qd)
+    if masked:
+        why = "packed rows" if packed else f"the sliding window ({window})"
+        mask = b * n * n  # [B, 1, N, N] bool, built once per forward, held to the backward
+        converted = c * b * n * n  # SDPA turns a bool mask into an additive one per call
+        fixed = mask
+        saved += converted / tok
+        note = (f"attention.type=full with {why}: transformers' SDPA mask [B, 1, N, N] ({mask / GiB:.1f} GiB) "
+                f"plus its additive copy per layer ({converted / GiB:.1f} GiB); quadratic in the context")
+    return saved, bwd, fixed, transient, note
+
+
+# ---------------------------------------------------------------- FLOPs
+
+
+def step_flops(config: Config, s: ModelShape, tr: Trainables, n: int) -> dict[str, float]:
+    """FLOPs of one optimizer step on one worker, and attention's share; matmuls only.
+    Frozen weights: forward, recompute (with gradient checkpointing) and the input gradient;
+    attention: forward, recompute and a backward of twice the forward."""
+    t = config.train
+    b = t.batch_size_per_worker
+    tok = b * n
+    gc = config.model.gradient_checkpointing
+    passes = 3 if gc else 2  # forward (+ recompute) + input gradient of frozen weights
+    linear = 2 * tok * s.layer_linear_params() * s.layers * passes
+    adapter = 2 * tok * tr.lora * 4  # adapter factors: forward, recompute, input and weight gradients
+    full_fwd = 2 * b * n * n * s.q_dim * s.layers  # causal: QK^T and PV over half the square
+    if config.attention.type == "s2":
+        g = min(_group_size(config, n), n)
+        attn_fwd = 2 * b * n * g * s.q_dim * s.layers
+    else:
+        attn_fwd = full_fwd
+    attn_mult = (4 if gc else 3)
+    attention = attn_fwd * attn_mult
+    head_passes = 2 + (1 if tr.head_trained else 0)
+    if t.chunked_loss and max(1, t.loss_chunk_tokens // max(b, 1)) < n - 1:
+        head_passes += 1  # each chunk's head is recomputed in the backward
+    head = 2 * tok * s.hidden * s.vocab * head_passes
+    micro = linear + adapter + attention + head
+    return {
+        "step": micro * t.grad_accum_steps,
+        "attention_share": attention / micro,
+        "s2_vs_full": (attn_fwd / full_fwd) if config.attention.type == "s2" else 1.0,
+        "per_token": micro / tok,
+    }
+
+
+# ---------------------------------------------------------------- output
+
+
+def format_plan(plan: Plan) -> str:
+    d = plan.to_dict()
+    lines = [
+        f"model      {plan.model}   ({plan.params['base'] / 1e9:.2f}B parameters, {plan.params['trained'] / 1e6:.1f}M trained)",
+        f"run        {plan.context} tokens x {plan.batch} per micro-batch, attention {plan.backend}, "
+        f"weights {plan.layout['weights']}, autocast {plan.layout['autocast']}",
+    ]
+    if plan.gpu is not None:
+        verdict = "fits" if plan.fits else "does NOT fit"
+        lines.append(f"gpu        {plan.gpu.label}: {plan.gpu.memory_bytes / GiB:.1f} GiB, budget "
+                     f"{plan.gpu.budget_bytes / GiB:.1f} GiB ({SAFETY_MARGIN:.0%} margin, "
+                     f"{RESERVED_BYTES / GiB:.0f} GiB reserved)")
+    lines.append(f"peak       {plan.peak_bytes / GiB:.2f} GiB per GPU, during {plan.peak_phase}"
+                 + (f": {verdict}" if plan.gpu is not None else ""))
+    for name, value in plan.breakdown.items():
+        if value:
+            lines.append(f"  {name:28s} {value / GiB:9.2f} GiB")
+    lines.append("phases     " + ", ".join(f"{k} {v:.2f}" for k, v in d["phases_gib"].items()) + " (GiB)")
+    if plan.max_context is not None:
+        cap = " (the search's cap)" if plan.max_context >= MAX_CONTEXT_CAP else ""
+        lines.append(f"max context {plan.max_context} tokens fit with these settings{cap}")
+    f = plan.flops
+    lines.append(f"flops      {f['step']:.3g} per step per worker; attention {f['attention_share']:.0%} of them"
+                 + (f" (S2 computes {f['s2_vs_full']:.0%} of full attention's)" if f["s2_vs_full"] != 1.0 else ""))
+    if plan.step_seconds is not None:
+        lines.append(f"step time  ~{plan.step_seconds:.1f} s at {UTILISATION:.0%} of {plan.gpu.peak_tflops:.0f} "
+                     "TFLOPS (bf16 dense)")
+    for note in plan.assumptions:
+        lines.append(f"note       {note}")
+    return "\n".join(lines)
+
+
+def plan_command(config: Config, gpu: str | None = None, as_json: bool = False) -> int:
+    """``longtune plan``: print the plan (a table, or one JSON object with --json). Exit code
+    0 when the run fits the GPU, 1 when it does not (so ``longtune plan ... && ray job
+    submit ...`` launches only what fits); bad input is a ConfigError (exit 2)."""
+    if gpu is None:
+        raise ConfigError("plan needs --gpu, one of " + ", ".join(GPUS))
+    plan = plan_run(config, gpu)
+    print(json.dumps(plan.to_dict()) if as_json else format_plan(plan))
+    return 0 if plan.fits else 1
+
+
+__all__ = [
+    "GPU", "GPUS", "INSTANCE_GPUS", "ModelShape", "Plan", "format_plan", "gpu_named", "max_context",
+    "model_shape", "plan_command", "plan_run", "shipped_models", "step_flops",
+]

@@ -1,0 +1,383 @@
+"""`longtune plan` (issue #15 part 3): its memory prediction against the measured peak of the
+real training step (train/loop.py's model build and optimizer step) on the CPU, the shipped
+model configs, the command line, and every shipped recipe on the GPU its cluster provides."""
+
+from __future__ import annotations
+
+import gc
+import json
+import re
+import subprocess
+import sys
+import warnings
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import tiny_lm
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from longtune.config import ConfigError, load_config
+from longtune.plan import (
+    GPUS,
+    INSTANCE_GPUS,
+    MAX_CONTEXT_CAP,
+    max_context,
+    model_shape,
+    plan_run,
+    shipped_models,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TOLERANCE = 0.15  # the issue's bar; the settings below land within ~2%
+
+
+# ---------------------------------------------------------------- measuring a real step
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Bytes of the tensor storages alive, and their peak, counting every storage an op
+    creates while the mode is on until it is freed: what torch.cuda.max_memory_allocated
+    measures on a GPU (without the allocator's rounding), and unlike the process's resident
+    set, blind to the allocator's caching and to everything that is not a tensor."""
+
+    def __init__(self, existing: list[torch.Tensor]):
+        super().__init__()
+        self.sizes: dict[int, int] = {}
+        self.live = self.peak = 0
+        for t in existing:  # counted by the caller; their views must not count again
+            self.sizes.setdefault(t.untyped_storage().data_ptr(), 0)
+
+    def _freed(self, key: int) -> None:
+        self.live -= self.sizes.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor) or t.is_meta:
+                continue
+            storage = t.untyped_storage()
+            key, n = storage.data_ptr(), storage.nbytes()
+            if not n or key in self.sizes:
+                continue
+            self.sizes[key] = n
+            self.live += n
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._freed, key)  # storages keep their Python object
+        return out
+
+
+def tensors_alive() -> list[torch.Tensor]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+
+
+def measured_peak(config, model_dir: str, vocab: int) -> int:
+    """Peak bytes of live tensors during one optimizer step of the training loop's own
+    functions on the CPU, after a first step (AdamW's state exists, as in every later step):
+    the tensors alive when it starts (weights, trained copies, optimizer state, batch) plus
+    the highest rise the step makes above them."""
+    from longtune.precision import resolve_precision
+    from longtune.train.loop import build_model, build_optimizer, optimizer_step
+
+    device = torch.device("cpu")
+    model = build_model(config, model_dir, device)
+    params, optimizer, scheduler = build_optimizer(config, model)
+    autocast = resolve_precision(config.model, config.train, "cpu").autocast(device)
+    b, n = config.train.batch_size_per_worker, config.context_length
+    g = torch.Generator().manual_seed(0)
+    blocks = [{"input_ids": torch.randint(0, vocab, (b, n), generator=g),
+               "position_ids": torch.arange(n)[None].expand(b, n)} for _ in range(config.train.grad_accum_steps)]
+    model.train()
+    optimizer_step(model, blocks, params, optimizer, scheduler, config, autocast)
+    existing = tensors_alive()
+    base = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in existing
+                if t.device.type == "cpu" and not t.is_meta}.values())
+    tracker = LiveTensorBytes(existing)
+    with tracker:
+        optimizer_step(model, blocks, params, optimizer, scheduler, config, autocast)
+    return base + tracker.peak
+
+
+def test_the_tracker_counts_allocations_and_frees():
+    existing = tensors_alive()
+    with LiveTensorBytes(existing) as t:
+        a = torch.empty(1000, dtype=torch.float32)
+        view = a.view(10, 100)  # noqa: F841  (a view is no new storage)
+        b = torch.ones(500, dtype=torch.float64)
+        del b
+        c = a * 2  # noqa: F841
+    assert t.peak == 8000  # a with b, then a with c
+    assert t.live == 8000
+
+
+def tiny_model(tmp_path, family: str, **config) -> tuple[str, int]:
+    path = tmp_path / family
+    model = tiny_lm(family, **config)
+    model.save_pretrained(path)
+    return str(path), model.config.vocab_size
+
+
+# Settings that differ in context, attention, chunked loss, model family and shape, dtype
+# layout, batch, adapter and checkpointing. bf16 weights with bf16 autocast is a GPU run's
+# dtype layout; fp32 weights with bf16 autocast a CPU with AMX's (and model.dtype=float32 on
+# a GPU). train.precision is explicit: auto would depend on this CPU's bf16 support.
+VALIDATION = {
+    "llama s2 512 unchunked fp32": ("llama", dict(vocab_size=512),
+                                    ["model.target_context=512", "train.chunked_loss=false", "train.precision=fp32"]),
+    "llama s2 1024 chunked bf16": ("llama", dict(vocab_size=2048),
+                                   ["model.target_context=1024", "train.loss_chunk_tokens=256",
+                                    "model.dtype=bfloat16", "train.precision=bf16"]),
+    "llama s2 1024 unchunked bf16": ("llama", dict(vocab_size=2048),
+                                     ["model.target_context=1024", "train.chunked_loss=false",
+                                      "model.dtype=bfloat16", "train.precision=bf16"]),
+    "qwen2 gqa full 768 bf16": ("qwen2", dict(hidden_size=96, intermediate_size=256, num_attention_heads=6,
+                                              num_key_value_heads=2, vocab_size=300),
+                                ["model.target_context=768", "attention.type=full", "model.dtype=bfloat16",
+                                 "train.precision=bf16"]),
+    "mistral window full 512 fp32 (mask)": ("mistral", dict(sliding_window=128, vocab_size=200),
+                                            ["model.target_context=512", "attention.type=full",
+                                             "train.precision=fp32"]),
+    "tied llama b2 384 fp32 weights bf16 autocast": ("llama_tied", dict(vocab_size=1024),
+                                                     ["model.target_context=384", "train.batch_size_per_worker=2",
+                                                      "train.loss_chunk_tokens=256", "train.precision=bf16"]),
+    "qwen3 no checkpointing bf16": ("qwen3", dict(head_dim=16, vocab_size=256),
+                                    ["model.target_context=512", "model.gradient_checkpointing=false",
+                                     "model.dtype=bfloat16", "train.precision=bf16"]),
+}
+
+
+@pytest.fixture(scope="module")
+def validation(tmp_path_factory):
+    """name -> (measured, predicted) bytes for every setting of VALIDATION."""
+    tmp = tmp_path_factory.mktemp("plan_models")
+    out = {}
+    for name, (family, shape, overrides) in VALIDATION.items():
+        path, vocab = tiny_model(tmp / re.sub(r"\W+", "_", name), family, **shape)
+        config = load_config(None, [f"model.name_or_path={path}", "train.warmup_steps=0",
+                                    "train.batch_size_per_worker=1", "data.position_ids=continuous", *overrides])
+        predicted = plan_run(config, None, device="cpu").peak_bytes
+        out[name] = (measured_peak(config, path, vocab), predicted)
+    return out
+
+
+@pytest.mark.parametrize("name", list(VALIDATION))
+def test_the_plan_predicts_the_measured_peak_of_the_real_step(validation, name):
+    measured, predicted = validation[name]
+    assert abs(predicted - measured) <= TOLERANCE * measured, (
+        f"{name}: predicted {predicted / 2**20:.2f} MiB, measured {measured / 2**20:.2f} MiB"
+    )
+
+
+def test_the_chunked_loss_lowers_the_peak_measured_and_predicted(validation):
+    chunked = validation["llama s2 1024 chunked bf16"]
+    stock = validation["llama s2 1024 unchunked bf16"]
+    assert chunked[0] < 0.6 * stock[0] and chunked[1] < 0.6 * stock[1]
+
+
+def test_where_the_peak_is_and_what_it_is_made_of(tmp_path):
+    path, _ = tiny_model(tmp_path, "llama", vocab_size=4096)
+    cfg = lambda *o: load_config(None, [f"model.name_or_path={path}", "model.target_context=1024",  # noqa: E731
+                                        "train.batch_size_per_worker=1", *o])
+    stock = plan_run(cfg("train.chunked_loss=false"), None, device="cpu")
+    assert stock.peak_phase == "loss_backward"
+    # log_softmax's output, its gradient and nll_loss's: three fp32 [tokens, vocab] tensors
+    assert stock.breakdown["lm_head_loss"] >= 3 * 4 * 1023 * 4096
+    chunked = plan_run(cfg("train.loss_chunk_tokens=128"), None, device="cpu")
+    assert chunked.breakdown.get("lm_head_loss", 0) < stock.breakdown["lm_head_loss"] / 4
+
+
+# ---------------------------------------------------------------- GPU plans
+
+
+def recipe(name: str, *overrides: str):
+    return load_config(ROOT / "pipelines" / "configs" / f"{name}.yaml", list(overrides))
+
+
+def test_s2_and_chunked_loss_and_offload_each_lower_a_7b_plan():
+    base = recipe("llama2-7b-32k")
+    s2 = plan_run(base, "a100-80gb", search_max_context=False)
+    full = plan_run(recipe("llama2-7b-32k", "attention.type=full", "data.position_ids=continuous"),
+                    "a100-80gb", search_max_context=False)
+    stock = plan_run(recipe("llama2-7b-32k", "train.chunked_loss=false"), "a100-80gb", search_max_context=False)
+    offload = plan_run(recipe("llama2-7b-32k", "model.activation_offload=true"), "a100-80gb", search_max_context=False)
+    # with flash kernels both attentions keep O(N) per layer (the MLP's recompute sets the
+    # peak); S2's saving is compute, and full attention's mask on packed rows (below)
+    assert s2.peak_bytes <= full.peak_bytes
+    assert s2.peak_bytes < stock.peak_bytes
+    assert offload.peak_bytes < s2.peak_bytes and offload.host_bytes > 0
+    # S2 with groups of a quarter computes a quarter of full attention's FLOPs
+    assert s2.flops["s2_vs_full"] == pytest.approx(0.25)
+    assert s2.flops["attention_share"] < full.flops["attention_share"]
+
+
+def test_packed_rows_make_full_attention_quadratic():
+    packed = plan_run(recipe("llama2-7b-32k", "attention.type=full"), "a100-80gb", search_max_context=False)
+    single = plan_run(recipe("llama2-7b-32k", "attention.type=full", "data.position_ids=continuous"),
+                      "a100-80gb", search_max_context=False)
+    assert packed.peak_bytes - single.peak_bytes >= 32768**2  # the [N, N] bool mask at least
+    assert any("quadratic" in note for note in packed.assumptions)
+
+
+def test_max_context_is_the_edge_of_what_fits():
+    config = recipe("llama2-7b-32k")
+    gpu = GPUS["a100-40gb"]
+    n = max_context(config, gpu)
+    assert 1024 <= n < MAX_CONTEXT_CAP and n % 1024 == 0
+    fits = lambda ctx: plan_run(recipe("llama2-7b-32k", f"model.target_context={ctx}"),  # noqa: E731
+                                gpu, search_max_context=False).fits
+    assert fits(n) and not fits(n + 1024)
+
+
+@pytest.mark.parametrize("n, ratio, fixed", [(100_000, 0.25, None), (1001, 0.3, None), (7, 0.25, None), (4096, 0.25, 1024)])
+def test_the_plan_s_group_size_is_the_attention_s(n, ratio, fixed):
+    from longtune.attention.s2 import resolve_group_size
+    from longtune.plan import _group_size
+
+    config = load_config(None, [f"attention.group_size_ratio={ratio}", f"attention.group_size={fixed or 'null'}"])
+    assert _group_size(config, n) == resolve_group_size(n, fixed, ratio)
+
+
+def test_weights_alone_too_big_fit_nowhere_and_say_so():
+    plan = plan_run(recipe("llama2-7b-32k", "model.name_or_path=meta-llama/Llama-2-70b-hf"), "a100-80gb")
+    assert not plan.fits and plan.max_context == 0
+    assert plan.breakdown["base_weights"] > 128 * 2**30
+
+
+# ---------------------------------------------------------------- shipped model configs
+
+PUBLISHED_PARAMS = {  # billions, as each model card counts them
+    "meta-llama/Llama-2-7b-hf": 6.74, "meta-llama/Llama-2-13b-hf": 13.02, "meta-llama/Llama-2-70b-hf": 68.98,
+    "meta-llama/Llama-3.1-8B": 8.03, "meta-llama/Llama-3.1-70B": 70.55, "mistralai/Mistral-7B-v0.1": 7.24,
+    "Qwen/Qwen2.5-7B": 7.62, "Qwen/Qwen2.5-14B": 14.77, "Qwen/Qwen2.5-72B": 72.71,
+}
+
+
+def test_the_issue_s_models_are_shipped_and_installed_with_the_package():
+    assert shipped_models() == sorted(PUBLISHED_PARAMS)
+    import tomllib
+
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert "model_configs/*.json" in package_data["longtune"]
+
+
+@pytest.mark.parametrize("hub_id", sorted(PUBLISHED_PARAMS))
+def test_shipped_configs_have_the_published_parameter_counts(hub_id):
+    assert model_shape(hub_id).params() / 1e9 == pytest.approx(PUBLISHED_PARAMS[hub_id], abs=0.01)
+
+
+@pytest.mark.parametrize("hub_id", ["mistralai/Mistral-7B-v0.1", "Qwen/Qwen2.5-7B", "meta-llama/Llama-3.1-8B"])
+def test_shipped_configs_build_the_model_transformers_builds(hub_id):
+    """Parameter count of the model transformers builds from the shipped file (on the meta
+    device, no weights) against the plan's own count: the shape is read as transformers reads it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    raw = json.loads((ROOT / "longtune" / "model_configs" / (hub_id.replace("/", "--") + ".json")).read_text())
+    config = AutoConfig.for_model(raw.pop("model_type"), **raw)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert sum(p.numel() for p in model.parameters()) == model_shape(hub_id).params()
+
+
+def test_a_local_tiny_model_and_the_seed_model_plan_offline(tmp_path):
+    path, _ = tiny_model(tmp_path, "qwen3", head_dim=16)
+    shape = model_shape(path)
+    assert (shape.model_type, shape.qk_norm, shape.kv_heads) == ("qwen3", True, 2)
+    # the seed model has not been built in this cache: its shape is known without building it
+    plan = plan_run(load_config(None, [f"model.cache_dir={tmp_path / 'cache'}"]), "a100-40gb")
+    assert plan.fits and plan.params["base"] > 1e6
+    assert not (tmp_path / "cache" / "seed" / "model").exists()
+
+
+def test_unreadable_or_unmodelled_inputs_are_config_errors(tmp_path):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="cannot read a model config"):
+        model_shape(str(tmp_path / "bad"))
+    (tmp_path / "gemma").mkdir()
+    (tmp_path / "gemma" / "config.json").write_text(json.dumps({"model_type": "gemma2"}))
+    with pytest.raises(ConfigError, match="model_type='gemma2'"):
+        model_shape(str(tmp_path / "gemma"))
+    with pytest.raises(ConfigError, match="plan works offline"):
+        model_shape("some-org/not-shipped")
+    with pytest.raises(ConfigError, match="train.strategy=fsdp"):
+        plan_run(recipe("llama2-7b-32k", "train.strategy=fsdp"), "a100-80gb")
+    with pytest.raises(ConfigError, match="DoRA"):
+        plan_run(recipe("llama2-7b-32k", "adapter.use_dora=true"), "a100-80gb")
+    with pytest.raises(ConfigError, match="unknown GPU 'v100'"):
+        plan_run(recipe("llama2-7b-32k"), "v100")
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def run_plan(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "pipelines/plan.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_plan_json_is_one_object_with_the_promised_keys():
+    done = run_plan("--config", "pipelines/configs/llama2-7b-32k.yaml", "--gpu", "a100-80gb", "--json")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert {"peak_gib", "fits", "breakdown", "max_context"} <= set(out)
+    assert out["fits"] is True and out["gpu"] == "a100-80gb"
+    assert sum(out["breakdown"].values()) == pytest.approx(out["peak_gib"], abs=0.02)
+    assert {"base_weights", "checkpointed_activations", "layer_recompute", "attention"} <= set(out["breakdown"])
+
+
+def test_plan_table_and_a_run_that_does_not_fit_exits_1():
+    done = run_plan("--config", "pipelines/configs/llama2-7b-100k.yaml", "--gpu", "a100-40gb")
+    assert done.returncode == 1, done.stderr
+    assert "does NOT fit" in done.stdout and "max context" in done.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gpu", "v100"], "unknown GPU 'v100'"),
+    ([], "plan needs --gpu"),
+    (["--gpu", "h200", "model.name_or_path=/no/such/model"], "plan works offline"),
+    (["--gpu", "h200", "train.strategy=fsdp"], "train.strategy=fsdp"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message):
+    done = run_plan(*args)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and lines[0].startswith("longtune plan: config error:")
+
+
+# ---------------------------------------------------------------- recipes on their clusters
+
+
+def cluster_gpus() -> dict[str, str]:
+    """cluster file -> the GPU kind its GPU workers carry."""
+    out = {}
+    for path in sorted((ROOT / "clusters").glob("*.yaml")):
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+        if path.name == "kuberay-rayjob.yaml":
+            (job,) = [d for d in docs if d.get("kind") == "RayJob"]
+            (group,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+            label = group["template"]["spec"]["nodeSelector"]["cloud.google.com/gke-accelerator"]
+            out[path.name] = {"nvidia-a100-80gb": "a100-80gb", "nvidia-tesla-a100": "a100-40gb",
+                              "nvidia-h100-80gb": "h100-80gb"}[label]
+            continue
+        (config,) = docs
+        (gpu,) = [t for t in config["available_node_types"].values() if t["resources"].get("GPU")]
+        machine = gpu["node_config"].get("InstanceType") or gpu["node_config"].get("machineType")
+        out[path.name] = INSTANCE_GPUS[machine]
+    return out
+
+
+RECIPES = sorted(p.stem for p in (ROOT / "pipelines" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("cluster", ["aws-a100.yaml", "gcp-a100.yaml", "kuberay-rayjob.yaml"])
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_shipped_recipe_fits_the_gpu_its_cluster_provides(name, cluster):
+    gpu = cluster_gpus()[cluster]
+    plan = plan_run(recipe(name), gpu, search_max_context=False)
+    assert plan.fits, (f"pipelines/configs/{name}.yaml needs {plan.peak_bytes / 2**30:.1f} GiB per GPU; "
+                       f"clusters/{cluster}'s {gpu} allows {GPUS[gpu].budget_bytes / 2**30:.1f}")

@@ -22,7 +22,9 @@ Checks, each a section of the printed table and of the JSON (``--out``):
    LM-head loss on and off (train.chunked_loss; on must peak lower), then S2 with
    model.activation_offload (must peak lower still): tokens/s and peak GiB; and whether the
    norms and embeddings move in a few AdamW steps at lr 2e-5 (in bf16 they would not:
-   updates of ~1e-5 to weights of ~1 round away).
+   updates of ~1e-5 to weights of ~1 round away). Each row also carries ``longtune plan``'s
+   prediction of that step's peak (``predicted_gib``, ``measured/predicted``; on --cpu, where
+   no peak is measured, the prediction alone).
 4. collectives: the loop's metric reduction, token count and LoRA²'s score broadcast through
    a real process group of world size 1 (NCCL on CUDA, gloo on --cpu), with the loop's own
    optimizer step inside it.
@@ -252,6 +254,8 @@ def train_step(s: Sizes, workdir: Path) -> list[dict[str, Any]]:
         for chunked, loss_fn in losses.items():
             rows.append(_step_row(loss_fn, block, params, optimizer, scheduler, run, autocast, s,
                                   attention=attention, chunked_loss=chunked))
+    for r in rows:
+        _with_plan(r, run, s, **{"attention.type": r["attention"], "train.chunked_loss": r["chunked_loss"] == "on"})
     peaks = {(r["attention"], r["chunked_loss"]): r["peak_gib"] for r in rows}
     if s.device == "cuda":  # the logits of 32k tokens x 32k vocabulary alone are 4 GiB in fp32
         for r in rows:
@@ -276,10 +280,31 @@ def train_step(s: Sizes, workdir: Path) -> list[dict[str, Any]]:
     row = _step_row(build_loss(offload_run, model), block, params, optimizer, scheduler, offload_run, autocast, s,
                     attention="s2", chunked_loss="on")
     row["activation_offload"] = "on"
+    _with_plan(row, offload_run, s, **{"attention.type": "s2", "train.chunked_loss": True})
     if s.device == "cuda":
         row["ok"] = row["peak_gib"] < peaks["s2", "on"]
     rows.append(row)
     return rows
+
+
+def _with_plan(row: dict[str, Any], run, s: Sizes, **settings: Any) -> None:
+    """Add ``longtune plan``'s prediction of the step's peak to a measured row: the rise above
+    what stays resident between steps (weights, trained copies, AdamW's state), as
+    ``peak_gib`` measures it (max_memory_allocated less the allocation at the step's start),
+    and measured / predicted. The attention backend is the one that ran."""
+    from longtune.attention.backends import backend_report
+    from longtune.config import with_overrides
+    from longtune.plan import plan_run
+
+    backend = "flash" if backend_report(s.device, s.dtype)["flash"] == "usable" else "sdpa"
+    config = with_overrides(run, {"scaling.num_workers": 1, "data.position_ids": "continuous",
+                                  "attention.backend": backend, **settings})
+    plan = plan_run(config, None, device=s.device)
+    resident = sum(plan.breakdown.get(k, 0) for k in ("base_weights", "trainable_params", "optimizer_state"))
+    row["predicted_gib"] = round((plan.peak_bytes - resident) / 2**30, 3)
+    row["plan_phase"] = plan.peak_phase
+    measured = row.get("peak_gib")
+    row["measured/predicted"] = round(measured / row["predicted_gib"], 3) if measured and row["predicted_gib"] else None
 
 
 def _step_row(loss_fn, block, params, optimizer, scheduler, run, autocast, s: Sizes, **what) -> dict[str, Any]:

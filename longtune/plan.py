@@ -270,7 +270,8 @@ class Trainables:
 def trainables(config: Config, shape: ModelShape) -> Trainables:
     a = config.adapter
     if a.use_dora:
-        raise ConfigError("adapter.use_dora=true: plan does not model DoRA (it rebuilds every adapted weight each forward)")
+        raise ConfigError("adapter.use_dora=true: plan does not model DoRA "
+                          "(it rebuilds every adapted weight each forward)")
     targets = tuple(a.target_modules) if a.target_modules else ("q_proj", "k_proj", "v_proj", "o_proj")
     unknown = [t for t in targets if t not in LINEARS]
     if unknown:
@@ -310,8 +311,8 @@ def trainables(config: Config, shape: ModelShape) -> Trainables:
             saved += shape.layers * shape.head_dim * (("q_norm" in names) + ("k_norm" in names))
         saved += shape.hidden if "norm" in names else 0
         norms = "input_layernorm" in names or "post_attention_layernorm" in names
-    largest = max([shape.vocab * shape.hidden] if (embed or head) else [1]
-                  + [max(r * shapes[t][0], r * shapes[t][1]) for t in targets])
+    factors = [max(r * shapes[t][0], r * shapes[t][1], k * shapes[t][0], k * shapes[t][1]) for t in targets]
+    largest = max(factors + ([shape.vocab * shape.hidden] if (embed or head) else []))
     # importance EMAs: LoRA²'s two over its inner factors (Qin, E, Pin); PEFT AdaLoRA's three
     # (importance, its EMA, the uncertainty's) over every factor
     inner_params = shape.layers * len(targets) * (2 * r * k + r)
@@ -425,6 +426,14 @@ def plan_run(config: Config, gpu: str | GPU | None = None, *, device: str = "cud
     backend = attention_backend(config, device)
     n = config.context_length
     phases, host, notes = _phases(config, shape, trained, lay, backend, device, n)
+    if device == "cuda":
+        if config.attention.type == "s2" and config.attention.backend == "auto":
+            notes.append("attention.backend=auto is planned as flash-attn (the cluster YAMLs install it); "
+                         "without it auto runs torch's varlen kernel on packed rows (the same memory) or SDPA")
+        notes.append("modelled from their source, not yet measured on a GPU: the attention kernels' terms, "
+                     "DDP's buckets, activation offload; the rest matched the CPU step's tracked peak within 2%")
+    elif config.data.position_ids == "document" and config.attention.type == "s2":
+        notes.append("the CPU plan charges no document masks (rows of one document each)")
     peak_phase = max(phases, key=lambda p: sum(phases[p].values()))
     peak = sum(phases[peak_phase].values())
     max_ctx = None
@@ -439,7 +448,7 @@ def plan_run(config: Config, gpu: str | GPU | None = None, *, device: str = "cud
                 peak_phase, peak, max_ctx, flops, seconds, params, notes, host)
 
 
-def peak_bytes(config: Config, gpu: GPU | None, device: str = "cuda", bf16_native: bool | None = None) -> int:
+def _peak_bytes(config: Config, gpu: GPU | None, device: str = "cuda", bf16_native: bool | None = None) -> int:
     return plan_run(config, gpu, device=device, bf16_native=bf16_native, search_max_context=False).peak_bytes
 
 
@@ -449,7 +458,7 @@ def max_context(config: Config, gpu: GPU, *, device: str = "cuda", bf16_native: 
 
     def fits(n: int) -> bool:
         trial = with_overrides(config, {"model.target_context": n, "data.context_length": None})
-        return peak_bytes(trial, gpu, device, bf16_native) <= gpu.budget_bytes
+        return _peak_bytes(trial, gpu, device, bf16_native) <= gpu.budget_bytes
 
     step = 1024
     if not fits(step):
@@ -533,26 +542,32 @@ def _phases(config: Config, s: ModelShape, tr: Trainables, lay: Layout, backend:
         return not lay.autocast and bool(lora_set & set(names))
 
     trained_norms = tr.norms_trained
-    norm1 = norm_saved(h, trained_norms, input_counted=gc) + (a * h if reads_as_is(("q_proj", "k_proj", "v_proj")) else 0)
+    norm1 = norm_saved(h, trained_norms, input_counted=gc)
+    norm1 += a * h if reads_as_is(("q_proj", "k_proj", "v_proj")) else 0
     qkv = sum(linear_saved(p) for p in ("q_proj", "k_proj", "v_proj"))
     if s.qk_norm:
         qkv += norm_saved(qd, trained_norms, False, c) + norm_saved(kvd, trained_norms, False, c)
-    attn_saved, attn_bwd, attn_fixed, attn_step, attn_note = _attention(config, s, lay, backend, b, n, reads_as_is(("o_proj",)))
+    attn_saved, attn_bwd, attn_fixed, attn_step, attn_note = _attention(
+        config, s, lay, backend, b, n, out_kept=reads_as_is(("o_proj",)))
     if attn_note:
         notes.append(attn_note)
     o_lin = linear_saved("o_proj")
     h_mid = a * h if a == 4 else 0  # fp32 residual: the second norm saves its input itself
-    norm2 = norm_saved(h, trained_norms, input_counted=True) + h_mid + (a * h if reads_as_is(("gate_proj", "up_proj")) else 0)
+    norm2 = norm_saved(h, trained_norms, input_counted=True) + h_mid
+    norm2 += a * h if reads_as_is(("gate_proj", "up_proj")) else 0
     # the MLP keeps gate's output (SiLU's input), SiLU's output and up's output (the
     # product's factors); down_proj's frozen matmul keeps nothing, an adapted one the
     # product (as is, or PEFT's cast), which its backward frees before the product's runs
-    mlp = 3 * c * i + sum(linear_saved(p) for p in ("gate_proj", "up_proj"))
+    gate_up = sum(linear_saved(p) for p in ("gate_proj", "up_proj"))
+    mlp = 3 * c * i + gate_up
     down_lora = "down_proj" in lora_set
     # the recompute's forward at down_proj: the product and down's base output besides the
     # saved factors; the residual and the norm's output still held as locals; PEFT's fp32
     # copy of the product and its cast for an adapted down_proj
-    mlp_forward_peak = (4 * c * i + c * h + (a * h if a != 4 else 0) + (0 if reads_as_is(("gate_proj", "up_proj")) else a * h)
-                        + ((4 * i if c != 4 else 0) + (c * i if lay.autocast else 0) if down_lora else 0))
+    mlp_forward_peak = 4 * c * i + c * h + (a * h if a != 4 else 0)
+    mlp_forward_peak += 0 if reads_as_is(("gate_proj", "up_proj")) else a * h
+    if down_lora:
+        mlp_forward_peak += (4 * i if c != 4 else 0) + (c * i if lay.autocast else 0)
     layer_saved = norm1 + qkv + o_lin + norm2 + mlp  # per token, without attention
     # the MLP's backward: d(product) and d(both factors), with the incoming gradient
     mlp_bwd = 3 * c * i + a * h
@@ -634,8 +649,9 @@ def _phases(config: Config, s: ModelShape, tr: Trainables, lay: Layout, backend:
             "last_layer_recompute (mlp)",
             gradients=grads_in_backward + (0 if accumulating else head_grad),
             checkpointed_activations=ckpt_live + shared["inputs_and_rope"],
-            # the gradient arriving from the layers above, and the final norm's last one in flight
-            layer_recompute=tok * (layer_saved - mlp + mlp_forward_peak + sum(linear_saved(p) for p in ("gate_proj", "up_proj")) + (2 if a != 4 else 1) * a * h),
+            # with the gradient arriving from the layers above (and, in a narrower dtype, the
+            # final norm's last one still in flight)
+            layer_recompute=tok * (layer_saved - mlp + mlp_forward_peak + gate_up + (2 if a != 4 else 1) * a * h),
             attention=tok * attn_saved + attn_fixed,
             autocast_weight_copies=weight_copies_mlp + (c * i * h if lay.autocast and w != c else 0),
         )
@@ -745,9 +761,9 @@ def _attention(config: Config, s: ModelShape, lay: Layout, backend: str, b: int,
         q = c * qd  # cast to the compute dtype when RoPE left it wider, else q itself
         k = c * (qd if rep > 1 else kvd)
         v = c * (qd if rep > 1 else kvd)
+        # the hand-written backward's function keeps q, k, v (cast, repeated, padded to whole
+        # groups) and its output, and a log-sum-exp per token and head
         saved = (q + k + v + c * qd) * grow + 4 * heads * grow
-        if e != c:
-            pass  # the casts are the saved q/k; RoPE's wider q/k are freed when attention returns
         bwd = 3 * c * qd * grow + (2 * c * kvd if rep > 1 else 0) + (e * (qd + kvd) if e != c else 0)
         transient = tok * (e * (qd + kvd) + c * kvd)
         return saved, bwd, fixed, transient, note
@@ -833,7 +849,8 @@ def step_flops(config: Config, s: ModelShape, tr: Trainables, n: int) -> dict[st
 def format_plan(plan: Plan) -> str:
     d = plan.to_dict()
     lines = [
-        f"model      {plan.model}   ({plan.params['base'] / 1e9:.2f}B parameters, {plan.params['trained'] / 1e6:.1f}M trained)",
+        f"model      {plan.model}   ({plan.params['base'] / 1e9:.2f}B parameters, "
+        f"{plan.params['trained'] / 1e6:.1f}M trained)",
         f"run        {plan.context} tokens x {plan.batch} per micro-batch, attention {plan.backend}, "
         f"weights {plan.layout['weights']}, autocast {plan.layout['autocast']}",
     ]

@@ -71,6 +71,7 @@ class LiveTensorBytes(TorchDispatchMode):
 
 
 def tensors_alive() -> list[torch.Tensor]:
+    gc.collect()  # an earlier setting's model, kept only by reference cycles, is not this step's
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]

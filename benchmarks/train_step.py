@@ -8,8 +8,9 @@ checkpointing on) with LoRA+ as `longtune finetune` trains it (position interpol
 256 tokens, bf16 autocast where the CPU has it), one block of batch 1 per optimizer step,
 with the chunked LM-head loss (train.chunked_loss, --chunk-tokens) off and on. S2-Attn and
 full attention, chunked loss off and on, alternate on the same model in one process, so
-machine noise slows all alike; tokens/s is the median over --reps steps, and the chunked
-loss's speed the median of its per-rep ratios. Peak memory is the rise of the peak resident
+machine noise slows all alike; tokens/s is the median over --reps steps (also per CPU
+second of this process's threads, which other processes on its cores disturb less), and
+the chunked loss's speed the median of its per-rep ratios. Peak memory is the rise of the peak resident
 set during one step after a warm-up, in a fresh process per measurement (median of
 --peak-reps).
 
@@ -82,14 +83,15 @@ class Stepper:
                       "position_ids": torch.arange(context)[None]}
         self.model.train()
 
-    def step(self, method: str, loss: str) -> float:
+    def step(self, method: str, loss: str) -> tuple[float, float]:
+        """Wall-clock and CPU seconds (this process's threads) of one optimizer step."""
         from longtune.train.loop import optimizer_step
 
         self.switch[method]()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         optimizer_step(self.losses[loss], [self.block], self.params, self.optimizer, self.scheduler,
                        self.config, self.autocast)
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu
 
 
 CASES = [(m, loss) for m in ("full", "s2") for loss in LOSSES]
@@ -105,6 +107,8 @@ def speed_rows(model_dir: str, args) -> list[dict]:
         for _ in range(args.reps):  # interleaved: machine noise slows every case alike
             for case in CASES:
                 times[case].append(stepper.step(*case))
+            print("  step s (CPU s): " + "  ".join(
+                f"{m} {loss} {times[m, loss][-1][0]:.1f} ({times[m, loss][-1][1]:.1f})" for m, loss in CASES), flush=True)
         del stepper
         peaks = {case: [] for case in CASES}
         for _ in range(args.peak_reps):
@@ -113,27 +117,32 @@ def speed_rows(model_dir: str, args) -> list[dict]:
                 peaks[case].append(int(run_isolated(argv)))
         row = {"context": context, "chunk_tokens": args.chunk_tokens}
         for m, loss in CASES:
-            row[f"{m}_{loss}_tokens_per_s"] = context / median(times[m, loss])
+            row[f"{m}_{loss}_tokens_per_s"] = context / median(w for w, _ in times[m, loss])
+            row[f"{m}_{loss}_tokens_per_cpu_s"] = context / median(c for _, c in times[m, loss])
             row[f"{m}_{loss}_peak_mib"] = median(peaks[m, loss]) / 2**20
         for m in ("full", "s2"):
             # each rep's on and off steps ran back to back: the median of their ratios is what
-            # survives a machine whose load changes over minutes
-            row[f"{m}_chunked_speed"] = median([off / on for off, on in zip(times[m, "off"], times[m, "on"])])
+            # survives a machine whose load changes over minutes; CPU seconds (the process's
+            # threads) are what survives other processes sharing its cores
+            pairs = list(zip(times[m, "off"], times[m, "on"]))
+            row[f"{m}_chunked_speed"] = median(off[0] / on[0] for off, on in pairs)
+            row[f"{m}_chunked_cpu_speed"] = median(off[1] / on[1] for off, on in pairs)
             row[f"{m}_chunked_peak"] = row[f"{m}_on_peak_mib"] / row[f"{m}_off_peak_mib"]
         row["speedup"] = row["s2_on_tokens_per_s"] / row["full_on_tokens_per_s"]
         rows.append(row)
         print(f"{context:7d} " + " ".join(f"{row[f'{m}_{loss}_tokens_per_s']:8.0f}" for m, loss in CASES)
               + " " + " ".join(f"{row[f'{m}_{loss}_peak_mib']:8.0f}" for m, loss in CASES)
               + f" {row['full_chunked_peak']:6.2f} {row['s2_chunked_peak']:6.2f}"
-              + f" {row['full_chunked_speed']:6.3f} {row['s2_chunked_speed']:6.3f}", flush=True)
+              + f" {row['full_chunked_speed']:6.3f} {row['s2_chunked_speed']:6.3f}"
+              + f" {row['full_chunked_cpu_speed']:6.3f} {row['s2_chunked_cpu_speed']:6.3f}", flush=True)
     return rows
 
 
 def speed_header() -> str:
     cases = " ".join(f"{m + ' ' + loss:>8}" for m, loss in CASES)
     return (f"{'':7} {'tokens/s (chunked loss off/on)':^35} {'peak MiB (chunked loss off/on)':^35} "
-            f"{'peak on/off':^13} {'tok/s on/off':^13}\n"
-            f"{'context'} {cases} {cases} {'full':>6} {'s2':>6} {'full':>6} {'s2':>6}")
+            f"{'peak on/off':^13} {'tok/s on/off':^13} {'CPU-s off/on':^13}\n"
+            f"{'context'} {cases} {cases} {'full':>6} {'s2':>6} {'full':>6} {'s2':>6} {'full':>6} {'s2':>6}")
 
 
 def measure_peak(method: str, loss: str, context: int, model_dir: str, chunk_tokens: int) -> int:

@@ -21,11 +21,13 @@ def test_the_reduced_check_passes_every_section_on_the_cpu(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["ok"] and set(result["sections"]) == {"attention", "attention_speed", "train_step", "collectives"}
+    fsdp = {r["what"]: r for r in result["sections"]["collectives"]["rows"] if r["what"].startswith("fsdp")}
+    assert set(fsdp) == {"fsdp optimizer_step + LoRA² allocator", "fsdp sharded checkpoint resumed", "fsdp cpu_offload"}
     for name, section in result["sections"].items():
         assert section["ok"] and section["rows"] and section["error"] is None, name
     attention = result["sections"]["attention"]["rows"]
     assert {(r["shift"], r["case"]) for r in attention} >= {("split", "packed documents"), ("roll", "padding")}
-    trainables = result["sections"]["train_step"]["rows"][-1]
+    (trainables,) = [r for r in result["sections"]["train_step"]["rows"] if r.get("attention") == "trainables"]
     assert trainables["dtypes"] == "float32" and trainables["moved_norm"] > 0  # a bf16 base, fp32 trainables
     assert "all checks passed" in done.stdout
 

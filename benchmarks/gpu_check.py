@@ -27,7 +27,10 @@ Checks, each a section of the printed table and of the JSON (``--out``):
    no peak is measured, the prediction alone).
 4. collectives: the loop's metric reduction, token count and LoRA²'s score broadcast through
    a real process group of world size 1 (NCCL on CUDA, gloo on --cpu), with the loop's own
-   optimizer step inside it.
+   optimizer step inside it; then the same LoRA² steps with train.strategy=fsdp (FSDP2 over a
+   mesh of one: bf16 gathers and fp32 reductions on CUDA, the allocator on DTensor shards),
+   its sharded checkpoint written and resumed (the resumed steps must equal the
+   uninterrupted ones), and again with train.fsdp.cpu_offload (shards in host memory).
 
 Exit code 0 when every check passed, 1 otherwise (the table says which). Never changes the
 GPU's settings.
@@ -395,8 +398,78 @@ def collectives(s: Sizes, workdir: Path) -> list[dict[str, Any]]:
         rows.append({"what": "optimizer_step + LoRA² allocator", "backend": backend,
                      "loss": float(f"{losses[-1]:.4g}"), "ranks_kept": kept,
                      "ok": all(map(math.isfinite, losses)) and kept == hooks.allocator.budget})
+        del ddp, model, params, optimizer, scheduler, hooks
+        rows += _fsdp_rows(s, run, path, device, backend, workdir)
     finally:
         dist.destroy_process_group()
+    return rows
+
+
+def _fsdp_rows(s: Sizes, run, path: Path, device, backend: str, workdir: Path) -> list[dict[str, Any]]:
+    """The collectives section's LoRA² steps again under FSDP2 (a mesh of one), on the same
+    blocks: losses near the unsharded model's from the same start (CUDA gathers the weights
+    in bf16 where that one autocasts them), a checkpoint of step 3 resumed to equal steps
+    4-6, and CPU offload."""
+    from longtune.adapters import training_hooks
+    from longtune.config import with_overrides
+    from longtune.distributed import is_sharded, local_shard
+    from longtune.precision import resolve_precision
+    from longtune.train.checkpoint import TrainState, read_checkpoint, write_checkpoint
+    from longtune.train.loop import build_optimizer, build_parallel, optimizer_step
+
+    def start(config):
+        torch.manual_seed(0)
+        precision = resolve_precision(config.model, config.train, device.type)
+        par = build_parallel(config, str(path), device, precision)
+        params, optimizer, scheduler = build_optimizer(config, par.model)
+        hooks = training_hooks(par.model, config.adapter, config.train.max_steps)
+        par.model.train()
+        return par, precision, params, optimizer, scheduler, hooks
+
+    def steps(state, config, first: int, last: int, checkpoint_at: int | None = None) -> list[float]:
+        par, precision, params, optimizer, scheduler, hooks = state
+        g = torch.Generator().manual_seed(0)
+        out = []
+        for step in range(1, last + 1):
+            block = {"input_ids": torch.randint(0, CPU.model["vocab_size"], (1, 64), generator=g).to(device),
+                     "position_ids": torch.arange(64)[None].to(device)}  # the DDP row's blocks
+            if step < first:
+                continue
+            out.append(optimizer_step(par.wrapped, [block], params, optimizer, scheduler, config,
+                                      precision.autocast(device), hooks, step, par.grad_scaler(precision)).mean)
+            if step == checkpoint_at:
+                write_checkpoint(workdir / "fsdp-ckpt", par.model, optimizer, scheduler, TrainState(step=step),
+                                 config.to_yaml(), hooks, parallel=par)
+        return out
+
+    near = 2e-2 if s.device == "cuda" else s.tolerance  # bf16 gathers vs autocast on CUDA
+    ddp_losses = steps(start(run), run, 1, 6)  # one rank: the model unwrapped, the same seed
+    fsdp = with_overrides(run, {"train.strategy": "fsdp"})
+    state = start(fsdp)
+    sharded = all(is_sharded(p) for p in state[2])
+    losses = steps(state, fsdp, 1, 6, checkpoint_at=3)
+    kept = sum(state[-1].allocator.rank_pattern().values())
+    gap = max(abs(a - b) / abs(b) for a, b in zip(losses, ddp_losses))
+    rows = [{"what": "fsdp optimizer_step + LoRA² allocator", "backend": backend, "loss": float(f"{losses[-1]:.4g}"),
+             "vs_ddp": float(f"{gap:.2g}"), "ranks_kept": kept,
+             "ok": sharded and all(map(math.isfinite, losses)) and kept == state[-1].allocator.budget and gap < near}]
+    del state
+    resumed = start(fsdp)
+    at = read_checkpoint(workdir / "fsdp-ckpt", resumed[0].model, resumed[3], resumed[4], resumed[5],
+                         resumed[0].grad_scaler(resumed[1]), parallel=resumed[0]).step
+    again = steps(resumed, fsdp, 4, 6)
+    gap = max(abs(a - b) / abs(b) for a, b in zip(again, losses[3:]))
+    rows.append({"what": "fsdp sharded checkpoint resumed", "backend": backend, "resumed_at": at,
+                 "vs_uninterrupted": float(f"{gap:.2g}"), "ok": at == 3 and gap < s.tolerance})
+    del resumed
+    offload = with_overrides(fsdp, {"train.fsdp.cpu_offload": True})
+    state = start(offload)
+    on_host = all(local_shard(p).device.type == "cpu" for p in state[2])
+    off = steps(state, offload, 1, 6)
+    gap = max(abs(a - b) / abs(b) for a, b in zip(off, losses))
+    rows.append({"what": "fsdp cpu_offload", "backend": backend, "loss": float(f"{off[-1]:.4g}"),
+                 "vs_fsdp": float(f"{gap:.2g}"), "shards_on_host": on_host,
+                 "ok": on_host and all(map(math.isfinite, off)) and gap < near})
     return rows
 
 

@@ -23,7 +23,7 @@ def rank_config(model_dir: str, *extra: str):
     return load_config(None, [
         f"model.name_or_path={model_dir}", f"model.target_context={SEQ}", "attention.type=s2",
         "train.precision=fp32", "train.lr=1e-2", "train.warmup_steps=0", f"train.max_steps={STEPS}",
-        "train.grad_accum_steps=2", "train.max_grad_norm=0.5", *extra,
+        "train.grad_accum_steps=2", "train.max_grad_norm=0.5", "train.loss_chunk_tokens=16", *extra,
     ])
 
 
@@ -50,23 +50,30 @@ class Run:
     def __init__(self, config, model_dir: str):
         from longtune.adapters import training_hooks
         from longtune.precision import resolve_precision
-        from longtune.train.parallel import build
+        from longtune.train.loop import build_optimizer, build_parallel
 
         torch.manual_seed(0)
         self.config = config
         self.precision = resolve_precision(config.model, config.train, "cpu")
-        self.par = build(config, model_dir, torch.device("cpu"), self.precision, _loss_module(config))
+        self.par = build_parallel(config, model_dir, torch.device("cpu"), self.precision)
         self.model = self.par.model
-        self.params, self.optimizer, self.scheduler = _optimizer(config, self.model)
+        self.params, self.optimizer, self.scheduler = build_optimizer(config, self.model)
         self.hooks = training_hooks(self.model, config.adapter, config.train.max_steps)
         self.model.train()
 
     def steps(self, first: int, last: int) -> list[float]:
         """Train steps ``first``..``last``; the global loss of each."""
-        return [self.step(step) for step in range(first, last + 1)]
+        from longtune.distributed import all_reduce_sum
+        from longtune.train.loop import optimizer_step
 
-    def step(self, step: int) -> float:
-        return train_step(self, step)
+        losses = []
+        for step in range(first, last + 1):
+            loss = optimizer_step(self.par.wrapped, micro_batches(dist.get_rank(), step), self.params,
+                                  self.optimizer, self.scheduler, self.config, self.precision.autocast("cpu"),
+                                  self.hooks, step)
+            loss_sum, tokens = all_reduce_sum([loss.loss_sum, loss.tokens], "cpu")
+            losses.append(loss_sum / tokens)
+        return losses
 
     def checkpoint(self, directory: Path, step: int) -> None:
         from longtune.train.checkpoint import TrainState, write_checkpoint
@@ -81,58 +88,15 @@ class Run:
                                parallel=self.par).step
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        """Full-attention logits of ``ids`` (every rank runs the sharded forward)."""
+        """Full-attention logits of ``ids`` from the sharded model (every rank runs it)."""
         self.model.eval()
+        root = self.par.loss  # the head and final norm are the root's: gathered by hand, as the
+        root.unshard()  # model runs outside the root's forward here; the layers gather themselves
         with torch.no_grad():
-            out = self.par.loss(ids, torch.arange(ids.shape[1])[None], ids)  # all ranks: gathers the root
             logits = self.model(input_ids=ids).logits
+        root.reshard()
         self.model.train()
-        return out, logits
-
-
-def _loss_module(config):
-    from longtune.train.loss import token_loss_sum
-
-    class SumLoss(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, ids, positions, labels):
-            return token_loss_sum(self.model, ids, positions, labels)
-
-    return SumLoss
-
-
-def _optimizer(config, model):
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.train.lr, betas=config.train.betas)
-    return params, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-
-
-def train_step(run: Run, step: int) -> float:
-    from longtune.distributed import all_reduce_sum, world_size
-    from longtune.train.loss import block_inputs, target_count
-    from longtune.train.parallel import clip_grad_norm_
-
-    extra = run.hooks.extra_loss()
-    if extra is not None:
-        extra.backward()
-    inputs = [block_inputs(b) for b in micro_batches(dist.get_rank(), step)]
-    local = sum(target_count(labels) for _, _, labels in inputs)
-    (total,) = all_reduce_sum([local], "cpu")
-    loss_sum = 0.0
-    for ids, positions, labels in inputs:
-        loss = run.par.wrapped(ids, positions, labels)
-        (loss * world_size() / total).backward()
-        loss_sum += loss.item()
-    clip_grad_norm_(run.params, run.config.train.max_grad_norm, "cpu")
-    run.optimizer.step()
-    run.hooks.after_optimizer_step(step)
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    global_sum, _ = all_reduce_sum([loss_sum, local], "cpu")
-    return global_sum / total
+        return logits
 
 
 def _merge(parts: list[Path], into: Path) -> None:
@@ -170,7 +134,7 @@ def _ranks_main(rank: int, world: int, port: int, model_dir: str, tied_dir: str,
     straight.checkpoint(out / "straight" / f"rank{rank}", STEPS)
     probe = torch.randint(0, 300, (1, SEQ), generator=torch.Generator().manual_seed(7))
     result["probe"] = probe
-    result["eval_loss"], result["logits"] = straight.logits(probe)
+    result["logits"] = straight.logits(probe)
     result["adapter_state"] = adapter_state_dict(straight.par)
     del straight
 
@@ -190,7 +154,7 @@ def _ranks_main(rank: int, world: int, port: int, model_dir: str, tied_dir: str,
 
     # LoRA² on a tied Llama: pruning under sharding, stopped mid-pruning and resumed
     config = rank_config(tied_dir, "adapter.type=lora2", "adapter.rank=4", "adapter.lora2.outer_rank=4",
-                         "adapter.pruning.target_rank=2")
+                         "adapter.pruning.target_rank=2", "model.activation_offload=true")
 
     def masks_of(run: Run) -> list[dict[str, torch.Tensor]]:
         every = [None] * world
@@ -246,8 +210,9 @@ def _relative(a: list[float], b: list[float]) -> float:
 
 
 def test_fsdp_trains_what_ddp_trains(ranks):
-    """2 ranks, the same blocks, fp32, S2-Attn, gradient checkpointing, 2 accumulated
-    micro-batches, clipping: the same loss at every step and the same adapter."""
+    """2 ranks, the same blocks, fp32, S2-Attn, gradient checkpointing, the chunked loss (4
+    chunks a block), 2 accumulated micro-batches, clipping: the same loss at every step and
+    the same adapter."""
     out, (r0, r1) = ranks
     assert len(r0["fsdp_losses"]) == STEPS
     assert _relative(r0["fsdp_losses"], r0["ddp_losses"]) < 1e-5
@@ -319,8 +284,9 @@ def test_a_resumed_fsdp_run_equals_the_uninterrupted_one(ranks):
 
 def test_lora2_prunes_alike_on_every_rank_under_fsdp(ranks):
     """The allocator's scores are gathered from the shards: every rank keeps the same
-    singular values, the ones DDP keeps, and the losses agree, also across a resume in the
-    middle of pruning (masks from the shards, the allocator's EMAs from its whole record)."""
+    singular values, the ones DDP keeps, and the losses agree (the orthogonality penalty on
+    the gathered factors, activation offload on), also across a resume in the middle of
+    pruning (masks from the shards, the allocator's EMAs from its whole record)."""
     out, (r0, _) = ranks
     assert _relative(r0["lora2_fsdp_losses"], r0["lora2_ddp_losses"]) < 1e-5
     fsdp, ddp = r0["lora2_fsdp_masks"], r0["lora2_ddp_masks"]

@@ -155,3 +155,29 @@ def test_fp16_scales_the_loss_and_skips_a_step_whose_gradients_overflow(tiny_mod
     assert loss.skipped == 1 and hooks.steps == [1]  # LoRA²'s allocator would have read inf
     assert huge.get_scale() < 2.0**127
     assert all(torch.equal(a, p) for a, p in zip(before, params))
+
+
+def test_a_bf16_base_trains_its_norms_and_embeddings_in_fp32_through_the_loop(tiny_model_dir):
+    """A GPU's weights on the CPU: the loop's own build and step on a bf16 base. In bf16 an
+    AdamW update of ~2e-5 to a norm weight of ~1 rounds away; held in fp32 it does not."""
+    from longtune.precision import resolve_precision
+    from longtune.train.loop import build_model, build_optimizer, optimizer_step
+
+    config = load_config(None, [f"model.name_or_path={tiny_model_dir}", f"model.target_context={SEQ}",
+                                "model.dtype=bfloat16", "train.lr=2e-5", "train.warmup_steps=0"])
+    precision = resolve_precision(config.model, config.train, "cpu")
+    assert precision.weights == torch.bfloat16 and precision.compute == torch.bfloat16
+    model = build_model(config, tiny_model_dir, torch.device("cpu"), precision)
+    params, optimizer, scheduler = build_optimizer(config, model)
+    assert {p.dtype for p in params} == {torch.float32}
+    assert any(p.dtype == torch.bfloat16 for p in model.parameters() if not p.requires_grad)
+    watched = {n: p for n, p in model.named_parameters()
+               if p.requires_grad and ("layernorm" in n or "embed_tokens" in n)}
+    before = {n: p.detach().clone() for n, p in watched.items()}
+    block = [{k: v[None] for k, v in blocks()[0].items()}]
+    for step in range(1, 6):
+        loss = optimizer_step(model, block, params, optimizer, scheduler, config, precision.autocast("cpu"),
+                              step=step)
+        assert math.isfinite(loss.mean)
+    moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in watched.items()}
+    assert moved and all(v > 0 for v in moved.values()), moved

@@ -201,15 +201,18 @@ def test_best_config_yaml_trains(search, tmp_path):
 
 
 @pytest.mark.slow
-def test_optuna_search_runs(ray_local, tmp_path, tiny_model_dir, corpus_dir):
+def test_optuna_search_runs_an_fsdp_trial(ray_local, tmp_path, tiny_model_dir, corpus_dir):
+    """An Optuna search whose trial trains with train.strategy=fsdp (its one worker's model
+    sharded over a mesh of one): the trial completes, its checkpoint is the sharded kind."""
     pytest.importorskip("optuna")
     from longtune.tune import tune
 
     config = tune_config(tmp_path, tiny_model_dir, corpus_dir, "tune.name=optuna", "tune.search_alg=optuna",
-                         "tune.num_samples=1", "tune.max_steps=2", "tune.grace_period=2")
+                         "tune.num_samples=1", "tune.max_steps=2", "tune.grace_period=2", "train.strategy=fsdp")
     result = tune(config)
     assert result.finished and [r.outcome for r in result.rows] == ["completed"]
     assert Path(result.files["best_config.yaml"]).is_file()
+    assert list(Path(result.experiment_path).glob("train/*/checkpoint_*/sharded/.metadata"))
 
 
 # -------------------------------------------------------------------- bad inputs

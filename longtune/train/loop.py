@@ -1,8 +1,9 @@
 """One Ray Train worker's loop: stream its shard, train, report, checkpoint.
 
-Every rank runs this function; rank 0 alone writes checkpoints and logs to MLflow, but all
-ranks call ``ray.train.report`` the same number of times (at every log and checkpoint step),
-as Ray Train requires.
+Every rank runs this function; rank 0 alone logs to MLflow and (DDP) writes checkpoints,
+but all ranks call ``ray.train.report`` the same number of times (at every log and
+checkpoint step), as Ray Train requires. Under FSDP (train.strategy=fsdp) every rank writes
+its shards into the checkpoint it reports and evaluates its share of the held-out blocks.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from longtune.distributed import all_reduce_sum, world_size
 from longtune.precision import Precision, resolve_precision, step_optimizer
 from longtune.train.checkpoint import TrainState, read_checkpoint, write_checkpoint
 from longtune.train.loss import LanguageModelLoss, block_inputs, target_count
+from longtune.train.parallel import ParallelModel, adapted_model, clip_grad_norm_
 from longtune.train.worker_config import WorkerConfig
 
 
@@ -43,20 +45,19 @@ def train_loop(worker: WorkerConfig) -> None:
 
     # ---------------------------------------------------------------- model, optimizer
     precision = resolve_precision(config.model, t, device.type)
-    model = build_model(config, worker.model_path, device, precision)
-    loss_fn = build_loss(config, model)
-    # the loss module is what DDP wraps: its forward runs the model (see train/loss.py)
-    wrapped = ray.train.torch.prepare_model(loss_fn, move_to_device=False, parallel_strategy=t.strategy)
+    par = build_parallel(config, worker.model_path, device, precision)
+    # the loss module is what DDP wraps and FSDP's root: its forward runs the model (train/loss.py)
+    model, loss_fn, wrapped = par.model, par.loss, par.wrapped
     params, optimizer, scheduler = build_optimizer(config, model)
     hooks = training_hooks(model, config.adapter, t.max_steps)
-    scaler = precision.grad_scaler_for(device)  # fp16 only; otherwise it passes everything through
+    scaler = par.grad_scaler(precision)  # fp16 only; otherwise it passes everything through
 
     # ---------------------------------------------------------------- resume
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            state = read_checkpoint(directory, model, optimizer, scheduler, hooks, scaler)
+            state = read_checkpoint(directory, model, optimizer, scheduler, hooks, scaler, parallel=par)
         if rank == 0:
             print(f"[longtune] resumed at step {state.step} (epoch {state.epoch}, "
                   f"batch {state.batches_in_epoch})")
@@ -64,7 +65,10 @@ def train_loop(worker: WorkerConfig) -> None:
     # ---------------------------------------------------------------- data
     tokens_per_step = world * t.grad_accum_steps * t.batch_size_per_worker * config.context_length
     batches = _batches(ray.train.get_dataset_shard("train"), t.batch_size_per_worker, state, device)
-    eval_blocks = _EvalBlocks(config, device) if rank == 0 and worker.has_eval else None
+    # FSDP: every rank runs every forward (the weights are gathered from all of them)
+    evaluates = worker.has_eval and (rank == 0 or par.sharded)
+    eval_blocks = _EvalBlocks(config, device, rank if par.sharded else 0, world if par.sharded else 1) \
+        if evaluates else None
     tracker = _metrics_logger(worker) if rank == 0 else None
     autocast = precision.autocast(device)
     config_yaml = config.to_yaml()
@@ -76,7 +80,7 @@ def train_loop(worker: WorkerConfig) -> None:
     if state.step == 0 and eval_blocks is not None:
         # the extended model before any training: what fine-tuning has to improve on
         baseline = eval_blocks.loss(loss_fn, autocast)
-        if baseline:
+        if baseline and rank == 0:
             tracker.log_metrics(baseline, 0)
             print("[longtune] before training: " + "  ".join(_fmt(k, v) for k, v in baseline.items()))
 
@@ -122,9 +126,12 @@ def train_loop(worker: WorkerConfig) -> None:
         if rank == 0:
             tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, state.step)
             print("[longtune] " + "  ".join(_fmt(k, v) for k, v in metrics.items()))
-        if checkpoint_now and rank == 0:
+        if checkpoint_now and (rank == 0 or par.sharded):
+            # FSDP: each rank reports its own directory (its shards; rank 0's also everything
+            # else) and Ray Train merges them into the one checkpoint
             with tempfile.TemporaryDirectory() as directory:
-                write_checkpoint(directory, model, optimizer, scheduler, state, config_yaml, hooks, scaler)
+                write_checkpoint(directory, model, optimizer, scheduler, state, config_yaml, hooks, scaler,
+                                 parallel=par)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         else:
             ray.train.report(metrics)
@@ -151,18 +158,20 @@ def _quiet_report_log() -> None:
 def build_model(config: Config, model_path: str, device, precision: Precision | None = None):
     """Base model (weights in ``precision.weights``, resolved from the config by default) ->
     longer context (position interpolation) -> adapter, its trained parameters in fp32 ->
-    attention."""
-    from longtune.adapters import apply_adapter
-    from longtune.attention import use_s2_attention
+    attention: the whole model on ``device`` (what one DDP worker holds)."""
     from longtune.models import load_model
 
     precision = precision or resolve_precision(config.model, config.train, device.type)
     model, _ = load_model(config.model, on_gpu=device.type == "cuda", path=model_path, dtype=precision.weights)
-    model = apply_adapter(model, config.adapter, config.train.max_steps)
-    if config.attention.type == "s2":
-        a = config.attention
-        use_s2_attention(model, a.group_size_ratio, a.shift, group_size=a.group_size, backend=a.backend)
-    return model.to(device)
+    return adapted_model(config, model).to(device)
+
+
+def build_parallel(config: Config, model_path: str, device, precision: Precision) -> ParallelModel:
+    """This rank's model, its loss and the wrapper optimizer_step runs, as train.strategy says
+    (train/parallel.py): DDP of the loss, or the model sharded with FSDP2."""
+    from longtune.train.parallel import build
+
+    return build(config, model_path, device, precision, lambda model: build_loss(config, model))
 
 
 def build_loss(config: Config, model) -> LanguageModelLoss:
@@ -208,9 +217,10 @@ def optimizer_step(model, micro_batches: list[dict[str, torch.Tensor]], params, 
     on the worker's device); returns this rank's language-model loss as sums (an adapter's
     extra loss, e.g. LoRA²'s orthogonality penalty, is trained on but not included).
 
-    ``model``: a ``LanguageModelLoss`` (``build_loss``), bare or inside DDP/FSDP, or a bare
-    causal LM, whose loss is then built from the config here. A data-parallel wrapper of the
-    bare model is refused: the chunked loss would run around it, bypassing its gradient sync.
+    ``model``: a ``LanguageModelLoss`` (``build_loss``), bare or inside DDP, or sharded by
+    FSDP2 (``build_parallel``), or a bare causal LM, whose loss is then built from the config
+    here. A data-parallel wrapper of the bare model is refused: the chunked loss would run
+    around it, bypassing its gradient sync.
 
     The gradient is that of the step's global loss: token losses summed over every
     micro-batch and rank, divided by the number of target tokens of all ranks (one small
@@ -219,7 +229,14 @@ def optimizer_step(model, micro_batches: list[dict[str, torch.Tensor]], params, 
     on the last micro-batch only. ``hooks`` (``longtune.adapters.training_hooks``) run with
     ``step``, this step's number counted from 1, after the optimizer step, before zero_grad.
     ``scaler`` (fp16: ``Precision.grad_scaler_for``) scales the loss; a step it skips for
-    inf/nan gradients does not reach the hooks (LoRA²'s allocator would read them)."""
+    inf/nan gradients does not reach the hooks (LoRA²'s allocator would read them).
+
+    The adapter's extra loss does not depend on the data: it is computed and backpropagated
+    once, before the micro-batches, while every parameter is as the optimizer left it (under
+    FSDP a shard, whose penalty gradient lands on the shard and is added to what the
+    micro-batches reduce into it; with reshard_after_forward=false the layers' weights are
+    gathered between a forward and its backward and the penalty could not reach the shards).
+    Its gradient is the one a share of it on each of the micro-batches would give."""
     loss_fn = _loss_module(model, config)
     inputs = [block_inputs(batch) for batch in micro_batches]
     device = inputs[0][0].device
@@ -228,21 +245,21 @@ def optimizer_step(model, micro_batches: list[dict[str, torch.Tensor]], params, 
     (global_tokens,) = all_reduce_sum([local_tokens], device)
     scale = world_size() / max(global_tokens, 1.0)
     result = StepLoss(tokens=local_tokens)
+    extra = hooks.extra_loss() if hooks is not None else None
+    if extra is not None:
+        # outside DDP's forward: its gradient stays local until the last micro-batch's sync
+        scaler.scale(extra).backward()
     for i, (ids, positions, labels) in enumerate(inputs):
         last = i == len(inputs) - 1
         sync = contextlib.nullcontext() if last or not hasattr(loss_fn, "no_sync") else loss_fn.no_sync()
         with sync:
             with autocast:
                 loss_sum = loss_fn(ids, positions, labels)
-            objective = loss_sum * scale
-            extra = hooks.extra_loss() if hooks is not None else None
-            if extra is not None:
-                objective = objective + extra / len(inputs)
-            scaler.scale(objective).backward()
+            scaler.scale(loss_sum * scale).backward()
         result.loss_sum += loss_sum.item()
     scaler.unscale_(optimizer)  # before clipping: the true gradient norm
     if config.train.max_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_(params, config.train.max_grad_norm)
+        clip_grad_norm_(params, config.train.max_grad_norm, device)
     stepped = step_optimizer(scaler, optimizer)
     result.skipped = int(not stepped)
     if hooks is not None and stepped:
@@ -290,11 +307,17 @@ def _batches(shard, batch_size: int, state: TrainState, device) -> Iterator[dict
 
 class _EvalBlocks:
     """Held-out blocks scored with full attention at each checkpoint (rank 0). The first
-    ``eval.loss_blocks`` blocks are read once and kept, so streamed data is not re-read."""
+    ``eval.loss_blocks`` blocks are read once and kept, so streamed data is not re-read.
 
-    def __init__(self, config: Config, device) -> None:
+    Sharded (FSDP, ``world`` > 1): every rank reads the same blocks (the "eval" dataset is
+    not split), scores every ``world``-th of them from its ``rank`` on, and the sums are
+    added over the ranks; a rank with one block fewer runs one forward more on a block it
+    does not count, since every forward gathers weights from every rank."""
+
+    def __init__(self, config: Config, device, rank: int = 0, world: int = 1) -> None:
         self.limit = config.eval.loss_blocks
         self.device = device
+        self.rank, self.world = rank, world
         self.blocks: list[dict[str, torch.Tensor]] | None = None
 
     def _load(self) -> list[dict[str, torch.Tensor]]:
@@ -310,21 +333,28 @@ class _EvalBlocks:
 
     def loss(self, loss_fn: LanguageModelLoss, autocast) -> dict[str, float]:
         """eval_loss and eval_ppl of the held-out blocks, by ``loss_fn`` (unwrapped: rank 0
-        alone runs it), whose model is in eval mode meanwhile."""
+        alone runs it; under FSDP the sharded root, on every rank), whose model is in eval
+        mode meanwhile."""
         if self.limit == 0:
             return {}
         if self.blocks is None:
             self.blocks = self._load()
-        if not self.blocks:
+        if not self.blocks:  # the same on every rank: each read the same dataset
             return {}
         model = loss_fn.model
         model.eval()  # full attention, as LongLoRA evaluates
         total = StepLoss()
+        rounds = math.ceil(len(self.blocks) / self.world)
         with torch.no_grad(), autocast:
-            for batch in self.blocks:
-                ids, positions, labels = block_inputs(batch)
-                total += StepLoss(loss_fn(ids, positions, labels).item(), target_count(labels))
+            for i in range(self.rank, rounds * self.world, self.world):
+                ids, positions, labels = block_inputs(self.blocks[i % len(self.blocks)])
+                loss_sum = loss_fn(ids, positions, labels).item()
+                if i < len(self.blocks):
+                    total += StepLoss(loss_sum, target_count(labels))
         model.train()
+        if self.world > 1:
+            loss_sum, tokens = all_reduce_sum([total.loss_sum, total.tokens], self.device)
+            total = StepLoss(loss_sum, int(tokens))
         return {"eval_loss": total.mean, "eval_ppl": math.exp(total.mean)}
 
 

@@ -101,6 +101,31 @@ class ParallelModel:
         return precision.grad_scaler_for(self.device)
 
 
+def fsdp_model_conflict(config: Config, model_path: str) -> str | None:
+    """Why FSDP cannot shard the base model at ``model_path``, in one line naming the
+    setting and what to use instead; None when it can (or the strategy is ddp). Reads the
+    model's config only (a hub model's config.json is fetched; unreadable: None, the
+    workers' load then says why)."""
+    if config.train.strategy != "fsdp":
+        return None
+    from transformers import AutoConfig
+
+    try:
+        model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=config.model.trust_remote_code)
+    except (OSError, ValueError):
+        return None
+    quantization = getattr(model_config, "quantization_config", None)
+    if quantization:
+        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else \
+            getattr(quantization, "quant_method", "?")
+        return (
+            f"train.strategy=fsdp cannot shard the quantized base {model_path} (quantization_config: "
+            f"{method}): FSDP2 shards unquantized weights only (bitsandbytes' packed 4-bit weights are "
+            "corrupted by it); use train.strategy=ddp, or an unquantized checkpoint of the model"
+        )
+    return None
+
+
 def device_mesh(device: torch.device):
     """The 1-D data-parallel mesh over every rank of the process group, on ``device``'s type."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -151,6 +176,9 @@ def build(
         )
     import torch.distributed as dist
 
+    conflict = fsdp_model_conflict(config, model_path)  # also reached by a Tune trial's override
+    if conflict:
+        raise ParallelError(conflict)
     source = None
     if dist.get_rank() == 0:  # the one full copy: rank 0's, in CPU memory
         base, _ = load_model(config.model, on_gpu=on_gpu, path=model_path, dtype=precision.weights)
@@ -197,13 +225,40 @@ def shard(loss: nn.Module, model: nn.Module, mesh, config: Config, precision: Pr
     mixed = MixedPrecisionPolicy()
     if device.type == "cuda" and precision.compute is not None:
         mixed = MixedPrecisionPolicy(param_dtype=precision.compute, reduce_dtype=torch.float32)
-    common = dict(mesh=mesh, mp_policy=mixed, offload_policy=CPUOffloadPolicy() if f.cpu_offload else OffloadPolicy())
+    # pinned host memory makes the copies to the GPU asynchronous; a CPU worker has no GPU to pin for
+    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if f.cpu_offload else OffloadPolicy()
+    common = dict(mesh=mesh, mp_policy=mixed, offload_policy=offload)
+    for originals in _unused_originals(model):
+        # groups whose forward never runs are never gathered: the frozen originals of the
+        # trained copies (a 70B model's embedding: 0.5 GB) stay sharded through every step
+        fully_shard(originals if len(originals) > 1 else originals[0], **common)
     for layer in layers:
         fully_shard(layer, reshard_after_forward=f.reshard_after_forward, **common)
     embedding = model.get_input_embeddings()
     if embedding is not None and not _shares_weights(embedding, model.get_output_embeddings()):
         fully_shard(embedding, reshard_after_forward=f.reshard_after_forward, **common)
     fully_shard(loss, **common)  # the root: FSDP keeps it gathered from forward to backward
+
+
+def _unused_originals(model: nn.Module) -> list[list[nn.Module]]:
+    """The frozen originals PEFT keeps beside the trained copies of ``modules_to_save``
+    (embeddings, norms), which training never runs, grouped so that modules sharing a
+    weight (a tied embedding's and head's originals) are one group."""
+    from peft.utils import ModulesToSaveWrapper
+
+    groups: list[list[nn.Module]] = []
+    for wrapper in model.modules():
+        if not isinstance(wrapper, ModulesToSaveWrapper):
+            continue
+        original = wrapper.original_module
+        if any(p.requires_grad for p in original.parameters()) or not any(True for _ in original.parameters()):
+            continue
+        group = next((g for g in groups if any(_shares_weights(original, m) for m in g)), None)
+        if group is None:
+            groups.append([original])
+        elif all(m is not original for m in group):
+            group.append(original)
+    return groups
 
 
 def _shares_weights(a: nn.Module | None, b: nn.Module | None) -> bool:

@@ -44,17 +44,14 @@ def setup_driver(config: Config) -> DriverSetup:
     # Ray Train V2 routes workers' print() to its logger *and* to stdout, which the driver
     # then shows twice; the workers' progress lines are plain prints (Ray forwards them once).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    from longtune.train.parallel import fsdp_model_conflict
+
     path = model_path(config.model)  # builds the seed model here, once, not in every worker
+    conflict = fsdp_model_conflict(config, path)
+    if conflict:  # before Ray: the run cannot start as configured
+        raise TrainingSetupError(conflict)
     ray = init_ray(config)
     use_gpu = use_gpu_for(config, ray)
-    if config.train.strategy == "fsdp":
-        # Ray Train's default FSDP wrapping puts frozen base weights and trainable adapter
-        # weights in one flat parameter, which FSDP refuses ("Must flatten tensors with
-        # uniform requires_grad"), and rank 0 alone would gather the state to save it
-        raise TrainingSetupError(
-            "train.strategy=fsdp is not supported yet with adapters (FSDP needs "
-            "use_orig_params, per-layer wrapping and a collective save); use train.strategy=ddp"
-        )
     _check_resources(config, ray, use_gpu)
     return DriverSetup(path, ray, use_gpu, _storage_path(config.train.storage_path, ray))
 

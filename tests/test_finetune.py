@@ -226,6 +226,25 @@ def test_fsdp_trains_like_ddp_resumes_from_its_shards_and_survives_a_killed_work
         theirs = PeftModel.from_pretrained(plain, fsdp.adapter_path).eval()(input_ids=probe).logits
     assert torch.equal(ours, theirs)
 
+    # longtune export merges it, longtune evaluate scores it: the DDP adapter's results
+    from longtune.config import with_overrides
+    from longtune.eval.report import evaluate
+    from longtune.export import export_model
+
+    merged = export_model(with_overrides(config, {"model.adapter_path": fsdp.adapter_path,
+                                                  "export.output_dir": str(tmp_path / "export")}))
+    with torch.no_grad():
+        exported = AutoModelForCausalLM.from_pretrained(str(merged)).eval()(input_ids=probe).logits
+    torch.testing.assert_close(exported, ours, atol=1e-4, rtol=0)
+    scores = {}
+    for name, result in (("fsdp", fsdp), ("ddp", ddp)):
+        report, _ = evaluate(with_overrides(config, {"model.adapter_path": result.adapter_path,
+                                                     "tracking.enabled": False}))
+        scores[name] = {k: v for k, v in report.metrics().items() if k.startswith("ppl_")}
+    assert scores["fsdp"] and scores["fsdp"].keys() == scores["ddp"].keys()
+    for key, ppl in scores["ddp"].items():
+        assert scores["fsdp"][key] == pytest.approx(ppl, rel=1e-4), key
+
     # stopped, relaunched, a worker killed: the uninterrupted run
     assert marker.read_text() == "5"
     resumed_from = [int(m.value) for m in client.get_metric_history(resumed.mlflow_run_id, "resumed_from_step")]

@@ -152,6 +152,17 @@ def _ranks_main(rank: int, world: int, port: int, model_dir: str, tied_dir: str,
     resumed.checkpoint(out / "resumed" / f"rank{rank}", STEPS)
     del resumed
 
+    # every layer gathered from forward to backward: the same training
+    run = Run(with_overrides(config, {"train.strategy": "fsdp", "train.fsdp.reshard_after_forward": False}),
+              model_dir)
+    result["kept_gathered_losses"] = run.steps(1, STEPS)
+    del run
+
+    # plain LoRA (no trained embeddings or norms): DDP and FSDP
+    lora = rank_config(model_dir, "adapter.type=lora")
+    result["lora_ddp_losses"] = Run(lora, model_dir).steps(1, STEPS)
+    result["lora_fsdp_losses"] = Run(fsdp(lora), model_dir).steps(1, STEPS)
+
     # LoRA² on a tied Llama: pruning under sharding, stopped mid-pruning and resumed
     config = rank_config(tied_dir, "adapter.type=lora2", "adapter.rank=4", "adapter.lora2.outer_rank=4",
                          "adapter.pruning.target_rank=2", "model.activation_offload=true")
@@ -222,6 +233,15 @@ def test_fsdp_trains_what_ddp_trains(ranks):
     assert ddp.keys() == fsdp.keys()
     for key in ddp:
         torch.testing.assert_close(fsdp[key], ddp[key], atol=1e-5, rtol=1e-5, msg=key)
+
+
+def test_fsdp_trains_what_ddp_trains_with_layers_kept_gathered_and_with_plain_lora(ranks):
+    """train.fsdp.reshard_after_forward=false (the LoRA+ run above, every layer's weights kept
+    from forward to backward) and plain LoRA (no modules_to_save): DDP's losses."""
+    _, (r0, _) = ranks
+    assert _relative(r0["kept_gathered_losses"], r0["ddp_losses"]) < 1e-5
+    assert _relative(r0["lora_fsdp_losses"], r0["lora_ddp_losses"]) < 1e-5
+    assert r0["lora_fsdp_losses"] != r0["ddp_losses"]  # another adapter, another training
 
 
 def test_every_layer_is_sharded_over_the_ranks(ranks):

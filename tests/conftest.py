@@ -102,6 +102,25 @@ def tiny_lm(family: str = "llama", *, seed: int = 0, **config):
     return getattr(transformers, model_name)(getattr(transformers, config_name)(**kwargs))
 
 
+def varlen_attention_reference(q, k, v, cu_seqlens, scale=None, left_window: int = -1):
+    """What a varlen flash kernel computes, on the CPU: causal attention of [T, H, D] tokens
+    within each sequence cu_seqlens cuts, GQA by repetition, a left window when >= 0."""
+    import torch
+
+    out = torch.zeros_like(q)
+    n_rep = q.shape[1] // k.shape[1]
+    for s, e in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+        qs, ks, vs = (x[s:e].transpose(0, 1) for x in (q, k, v))  # [H, n, D]
+        ks, vs = ks.repeat_interleave(n_rep, 0), vs.repeat_interleave(n_rep, 0)
+        n = e - s
+        mask = torch.ones(n, n, dtype=torch.bool).tril()
+        if left_window >= 0:
+            mask &= ~torch.ones(n, n, dtype=torch.bool).tril(-left_window - 1)
+        o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
+        out = out.index_copy(0, torch.arange(s, e), o.transpose(0, 1))  # out of place: autograd
+    return out
+
+
 def largest_bool_tensor(fn) -> int:
     """The most elements of any bool tensor (a mask) an op produced while ``fn()`` ran."""
     import torch

@@ -462,18 +462,9 @@ def _fake_torch_varlen_2_10(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, is_causal
 
 
 def _emulate(q, k, v, cu, scale, left):
-    out = torch.zeros_like(q)
-    n_rep = q.shape[1] // k.shape[1]
-    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
-        qs, ks, vs = (x[s:e].transpose(0, 1) for x in (q, k, v))
-        ks, vs = ks.repeat_interleave(n_rep, 0), vs.repeat_interleave(n_rep, 0)
-        n = e - s
-        mask = torch.ones(n, n, dtype=torch.bool).tril()
-        if left >= 0:
-            mask &= ~torch.ones(n, n, dtype=torch.bool).tril(-left - 1)
-        o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
-        out = out.index_copy(0, torch.arange(s, e), o.transpose(0, 1))  # out of place: autograd
-    return out
+    from conftest import varlen_attention_reference
+
+    return varlen_attention_reference(q, k, v, cu, scale, left)
 
 
 def test_auto_needs_flash_attn_to_import_not_just_to_be_found(backends, monkeypatch, caplog):

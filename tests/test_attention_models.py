@@ -191,18 +191,9 @@ def test_rejects_non_transformers_modules():
 def _emulated_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None,
                            causal=False, window_size=(-1, -1)):
     """flash_attn_varlen_func's contract on the CPU: [T, H, D] tokens cut by cu_seqlens."""
-    out = torch.zeros_like(q)
-    n_rep = q.shape[1] // k.shape[1]
-    for s, e in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
-        qs, ks, vs = (x[s:e].transpose(0, 1) for x in (q, k, v))
-        ks, vs = ks.repeat_interleave(n_rep, 0), vs.repeat_interleave(n_rep, 0)
-        n = e - s
-        mask = torch.ones(n, n, dtype=torch.bool).tril()
-        if window_size[0] >= 0:
-            mask &= ~torch.ones(n, n, dtype=torch.bool).tril(-window_size[0] - 1)
-        o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=softmax_scale)
-        out[s:e] = o.transpose(0, 1)
-    return out
+    from conftest import varlen_attention_reference
+
+    return varlen_attention_reference(q, k, v, cu_q, softmax_scale, window_size[0])
 
 
 @pytest.mark.parametrize("shift", ["split", "roll"])

@@ -70,15 +70,8 @@ def write_checkpoint(
         return _write_sharded(directory, model, optimizer, scheduler, state, config_yaml, hooks, scaler, parallel)
     save_adapter(model, directory / ADAPTER_DIR)
     torch.save(optimizer.state_dict(), directory / "optimizer.pt")
-    torch.save(scheduler.state_dict(), directory / "scheduler.pt")
     hook_state = hooks.state_dict() if hooks is not None else {}
-    if hook_state:
-        torch.save(hook_state, directory / ADAPTER_STATE)
-    if scaler is not None and scaler.is_enabled():
-        torch.save(scaler.state_dict(), directory / GRAD_SCALER)
-    (directory / "config.yaml").write_text(config_yaml)
-    (directory / "state.json").write_text(state.to_json())  # last: a complete checkpoint
-    return directory
+    return _write_rest(directory, scheduler, state, config_yaml, hook_state, scaler)
 
 
 def _write_sharded(directory: Path, model, optimizer, scheduler, state, config_yaml, hooks, scaler, parallel) -> Path:
@@ -93,6 +86,11 @@ def _write_sharded(directory: Path, model, optimizer, scheduler, state, config_y
     if dist.get_rank() != 0:
         return directory
     save_adapter(model, directory / ADAPTER_DIR, state_dict=adapter_state)
+    return _write_rest(directory, scheduler, state, config_yaml, hook_state, scaler)
+
+
+def _write_rest(directory: Path, scheduler, state, config_yaml: str, hook_state: dict, scaler) -> Path:
+    """What both strategies write alike, after the adapter and the optimizer state."""
     torch.save(scheduler.state_dict(), directory / "scheduler.pt")
     if hook_state:
         torch.save(hook_state, directory / ADAPTER_STATE)

@@ -58,6 +58,9 @@ UTILISATION = 0.40
 """Model FLOPs utilisation the step-time estimate assumes (dense bf16 peak x this)."""
 MAX_CONTEXT_CAP = 1 << 24
 """The longest context ``max_context`` searches up to (16M tokens)."""
+GPUS_PER_NODE = 8
+"""GPUs per node of every instance type in ``INSTANCE_GPUS``: host memory is summed over this
+many workers (fewer when scaling.num_workers is smaller)."""
 
 MODEL_CONFIGS = Path(__file__).with_name("model_configs")
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -261,6 +264,8 @@ class Trainables:
     norms_trained: bool
     head_trained: bool  # a trained output head (a tied, trained embedding; or lm_head saved)
     allocator_state: int  # LoRA²/AdaLoRA importance EMAs
+    layer_saved: int = 0  # the trained copies (norms) in one decoder layer
+    final_norm_trained: bool = False
 
     @property
     def total(self) -> int:
@@ -291,8 +296,8 @@ def trainables(config: Config, shape: ModelShape) -> Trainables:
             per_layer += r * (n_in + n_out)
             inner = r
     lora = per_layer * shape.layers
-    embed = head = norms = False
-    saved = 0
+    embed = head = norms = final_norm = False
+    saved = layer_saved = 0
     if a.type in ("lora_plus", "lora2", "adalora"):
         names = set(a.trainable_modules or ("embed_tokens", "input_layernorm", "post_attention_layernorm", "norm")
                     + (("q_norm", "k_norm") if shape.qk_norm and not a.trainable_modules else ()))
@@ -306,10 +311,12 @@ def trainables(config: Config, shape: ModelShape) -> Trainables:
             saved += shape.vocab * shape.hidden
         if "lm_head" in names and not shape.tied:
             saved += shape.vocab * shape.hidden
-        saved += shape.layers * shape.hidden * (("input_layernorm" in names) + ("post_attention_layernorm" in names))
+        layer_saved = shape.hidden * (("input_layernorm" in names) + ("post_attention_layernorm" in names))
         if shape.qk_norm:
-            saved += shape.layers * shape.head_dim * (("q_norm" in names) + ("k_norm" in names))
-        saved += shape.hidden if "norm" in names else 0
+            layer_saved += shape.head_dim * (("q_norm" in names) + ("k_norm" in names))
+        saved += shape.layers * layer_saved
+        final_norm = "norm" in names
+        saved += shape.hidden if final_norm else 0
         norms = "input_layernorm" in names or "post_attention_layernorm" in names
     factors = [max(r * shapes[t][0], r * shapes[t][1], k * shapes[t][0], k * shapes[t][1]) for t in targets]
     largest = max(factors + ([shape.vocab * shape.hidden] if (embed or head) else []))
@@ -317,7 +324,7 @@ def trainables(config: Config, shape: ModelShape) -> Trainables:
     # (importance, its EMA, the uncertainty's) over every factor
     inner_params = shape.layers * len(targets) * (2 * r * k + r)
     allocator = 2 * inner_params if a.type == "lora2" else 3 * lora if a.type == "adalora" else 0
-    return Trainables(lora, saved, largest, targets, inner, embed, norms, head, allocator)
+    return Trainables(lora, saved, largest, targets, inner, embed, norms, head, allocator, layer_saved, final_norm)
 
 
 # ---------------------------------------------------------------- dtypes and backends
@@ -356,6 +363,74 @@ def attention_backend(config: Config, device: str) -> str:
     return {"auto": "flash", "sdpa": "cuda-sdpa"}.get(backend, backend)
 
 
+# ---------------------------------------------------------------- FSDP2 (train.strategy=fsdp)
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """How ``train.strategy=fsdp`` holds the model on one of ``world`` ranks
+    (train/parallel.py): element counts of the groups ``fully_shard`` makes (frozen and
+    trained apart, as they are gathered in different dtypes off the GPU) and the bytes of
+    one gathered copy of each.
+
+    Groups: one per decoder layer; an untied input embedding; the root (the loss module:
+    the head, the final norm, a tied embedding); the frozen originals of PEFT's trained
+    copies, which no forward runs, in groups of their own that are never gathered."""
+
+    world: int
+    reshard: bool  # train.fsdp.reshard_after_forward
+    offload: bool  # train.fsdp.cpu_offload on a GPU worker: the shards live in host memory
+    mixed: bool  # MixedPrecisionPolicy: gathered in the compute dtype (GPUs with autocast)
+    layer: int  # bytes of one decoder layer, gathered
+    embedding: int  # bytes of the untied input embedding's group, gathered (0: tied, in the root)
+    root: int  # bytes of the root group, gathered
+    layer_grads: int  # bytes of one layer's trained parameters' gradients, unsharded
+    embedding_grads: int
+    root_grads: int
+    layer_trained: int  # elements trained in one decoder layer (its reduce-scatter, fp32)
+    embedding_trained: int
+    trained_bytes: int  # bytes per element of a gathered trained parameter and its gradient
+    gloo: bool  # CPU ranks: gloo's reduce-scatter works on a copy of its whole input
+
+
+def sharding(config: Config, s: ModelShape, tr: Trainables, lay: Layout, device: str) -> Sharding:
+    f = config.train.fsdp
+    mixed = device == "cuda" and lay.autocast
+    # gathered dtypes: the compute dtype under mixed precision, else each parameter's own
+    # (frozen base: the weights dtype; trained parameters: fp32)
+    frozen_b, trained_b = (lay.c, lay.c) if mixed else (lay.w, 4)
+    vh = s.vocab * s.hidden
+    layer_trained = tr.lora // s.layers + tr.layer_saved
+    layer_frozen = s.layer_linear_params() + s.layer_norm_params() - tr.layer_saved
+    embed_trained = vh if (tr.embed_trained and not s.tied) else 0
+    embed_frozen = 0 if s.tied else vh - embed_trained
+    # the root's one V x H weight: the head (untied) or the tied embedding-and-head
+    root_trained = (vh if tr.head_trained else 0) + (s.hidden if tr.final_norm_trained else 0)
+    root_frozen = vh + s.hidden - root_trained
+    return Sharding(
+        world=config.scaling.num_workers, reshard=f.reshard_after_forward,
+        offload=f.cpu_offload and device == "cuda", mixed=mixed,
+        layer=layer_frozen * frozen_b + layer_trained * trained_b,
+        embedding=embed_frozen * frozen_b + embed_trained * trained_b,
+        root=root_frozen * frozen_b + root_trained * trained_b,
+        layer_grads=layer_trained * trained_b, embedding_grads=embed_trained * trained_b,
+        root_grads=root_trained * trained_b,
+        layer_trained=layer_trained, embedding_trained=embed_trained, trained_bytes=trained_b,
+        gloo=device == "cpu",
+    )
+
+
+def fsdp_refusal(config: Config) -> str | None:
+    """Why plan cannot model this fsdp run (one line naming the setting), or None."""
+    if config.train.strategy != "fsdp":
+        return None
+    if config.adapter.type == "lora2":
+        return ("train.strategy=fsdp with adapter.type=lora2: plan does not model LoRA²'s allocator and "
+                "orthogonality penalty under FSDP (they gather adapter factors whole on every rank); plan "
+                "adapter.type=lora_plus for the rest of the run's memory, or train.strategy=ddp")
+    return None
+
+
 # ---------------------------------------------------------------- the estimate
 
 
@@ -378,7 +453,15 @@ class Plan:
     step_seconds: float | None
     params: dict[str, int]
     assumptions: list[str] = field(default_factory=list)
-    host_bytes: int = 0
+    host_bytes: int = 0  # pinned host memory per worker: activation offload's layer inputs
+    host_offload_bytes: int = 0  # host memory per worker: train.fsdp.cpu_offload's shards
+    strategy: str = "ddp"
+    workers_per_node: int = 1
+
+    @property
+    def host_per_node_bytes(self) -> int:
+        """Host memory the offloads need on one node (its workers' together)."""
+        return (self.host_bytes + self.host_offload_bytes) * self.workers_per_node
 
     @property
     def breakdown(self) -> dict[str, int]:
@@ -400,7 +483,11 @@ class Plan:
             "flops_per_step": self.flops["step"], "attention_flops_share": round(self.flops["attention_share"], 4),
             "attention_flops_s2_vs_full": round(self.flops["s2_vs_full"], 4),
             "params": self.params, "host_pinned_gib": gib(self.host_bytes), "assumptions": self.assumptions,
+            "strategy": self.strategy,
         }
+        if self.strategy == "fsdp":
+            out.update(host_fsdp_offload_gib=gib(self.host_offload_bytes),
+                       host_per_node_gib=gib(self.host_per_node_bytes), workers_per_node=self.workers_per_node)
         if self.gpu is not None:
             out.update(gpu=self.gpu.name, gpu_gib=gib(self.gpu.memory_bytes), budget_gib=gib(self.gpu.budget_bytes),
                        fits=self.fits, utilisation=UTILISATION,
@@ -413,8 +500,9 @@ def plan_run(config: Config, gpu: str | GPU | None = None, *, device: str = "cud
     """The plan of ``config``'s training run on one worker. ``gpu``: a name of ``GPUS`` (the
     CLI's --gpu), for the fit and the step time; ``device="cpu"`` plans the CPU code path
     instead (what the tests measure). Raises ConfigError for what plan does not model."""
-    if config.train.strategy != "ddp":
-        raise ConfigError(f"train.strategy={config.train.strategy}: plan models ddp (data parallel) only today")
+    refusal = fsdp_refusal(config)
+    if refusal:
+        raise ConfigError(refusal)
     if device not in ("cuda", "cpu"):
         raise ConfigError(f"plan: device must be cuda or cpu, got {device!r}")
     spec = gpu_named(gpu) if isinstance(gpu, str) else gpu
@@ -425,13 +513,18 @@ def plan_run(config: Config, gpu: str | GPU | None = None, *, device: str = "cud
     lay = layout(config, device, bf16_native)
     backend = attention_backend(config, device)
     n = config.context_length
-    phases, host, notes = _phases(config, shape, trained, lay, backend, device, n)
+    phases, host, notes, offloaded = _phases(config, shape, trained, lay, backend, device, n)
     if device == "cuda":
         if config.attention.type == "s2" and config.attention.backend == "auto":
             notes.append("attention.backend=auto is planned as flash-attn (the cluster YAMLs install it); "
                          "without it auto runs torch's varlen kernel on packed rows (the same memory) or SDPA")
-        notes.append("modelled from their source, not yet measured on a GPU: the attention kernels' terms, "
-                     "DDP's buckets, activation offload; the rest matched the CPU step's tracked peak within 2%")
+        if config.train.strategy == "fsdp":
+            notes.append("modelled from their source, not yet measured on a GPU: the attention kernels' terms, "
+                         "FSDP2's bf16 gathers and prefetch on CUDA streams, CPU offload, activation offload; "
+                         "the fp32 FSDP step on the CPU (2 gloo ranks) matched its tracked peak")
+        else:
+            notes.append("modelled from their source, not yet measured on a GPU: the attention kernels' terms, "
+                         "DDP's buckets, activation offload; the rest matched the CPU step's tracked peak within 2%")
     elif config.data.position_ids == "document" and config.attention.type == "s2":
         notes.append("the CPU plan charges no document masks (rows of one document each)")
     peak_phase = max(phases, key=lambda p: sum(phases[p].values()))
@@ -445,7 +538,8 @@ def plan_run(config: Config, gpu: str | GPU | None = None, *, device: str = "cud
              f"{config.train.grad_accum_steps} micro-batch(es) per step, {config.scaling.num_workers} worker(s)"]
     params = {"base": shape.params(), "trained": trained.total, "adapter": trained.lora, "saved_modules": trained.saved}
     return Plan(shape.source, spec, device, n, config.train.batch_size_per_worker, backend, lay.describe, phases,
-                peak_phase, peak, max_ctx, flops, seconds, params, notes, host)
+                peak_phase, peak, max_ctx, flops, seconds, params, notes, host, offloaded,
+                config.train.strategy, min(config.scaling.num_workers, GPUS_PER_NODE))
 
 
 def _peak_bytes(config: Config, gpu: GPU | None, device: str = "cuda", bf16_native: bool | None = None) -> int:
@@ -489,6 +583,14 @@ def _phases(config: Config, s: ModelShape, tr: Trainables, lay: Layout, backend:
     t_cfg = config.train
     b = t_cfg.batch_size_per_worker
     tok = b * n  # tokens of a micro-batch
+    fs = sharding(config, s, tr, lay, device) if t_cfg.strategy == "fsdp" else None
+    stored_w = lay.w
+    # FSDP's mixed precision gathers every weight in the compute dtype, trained ones too:
+    # the layers read bf16 weights (autocast casts none), the residual stream is bf16, and
+    # PEFT's adapters, whose weights are then bf16, cast no input to fp32
+    adapter_cast = lay.autocast and not (fs is not None and fs.mixed)
+    if fs is not None and fs.mixed:
+        lay = Layout(lay.c, lay.c, lay.c, True, lay.describe)
     a, c, w = lay.a, lay.c, lay.w
     h, i, qd, kvd = s.hidden, s.intermediate, s.q_dim, s.kv_dim
     notes: list[str] = []
@@ -532,14 +634,15 @@ def _phases(config: Config, s: ModelShape, tr: Trainables, lay: Layout, backend:
         if name not in lora_set:
             return 0
         n_in, n_out, _ = shapes[name]
-        kept = (c * n_in if lay.autocast else 0) + c * tr.rank_inner
+        kept = (c * n_in if adapter_cast else 0) + c * tr.rank_inner
         if config.adapter.type == "adalora":
             kept += c * n_out  # PEFT's SVDLinear keeps its update's output (measured)
         return kept
 
     def reads_as_is(names: tuple[str, ...]) -> bool:
-        """Whether an adapter factor keeps the very tensor these layers read (no autocast)."""
-        return not lay.autocast and bool(lora_set & set(names))
+        """Whether an adapter factor keeps the very tensor these layers read (no autocast,
+        or FSDP's bf16-gathered adapters under mixed precision: no cast of their input)."""
+        return not adapter_cast and bool(lora_set & set(names))
 
     trained_norms = tr.norms_trained
     norm1 = norm_saved(h, trained_norms, input_counted=gc)
@@ -567,11 +670,11 @@ def _phases(config: Config, s: ModelShape, tr: Trainables, lay: Layout, backend:
     mlp_forward_peak = 4 * c * i + c * h + (a * h if a != 4 else 0)
     mlp_forward_peak += 0 if reads_as_is(("gate_proj", "up_proj")) else a * h
     if down_lora:
-        mlp_forward_peak += (4 * i if c != 4 else 0) + (c * i if lay.autocast else 0)
+        mlp_forward_peak += (4 * i if c != 4 and adapter_cast else 0) + (c * i if adapter_cast else 0)
     layer_saved = norm1 + qkv + o_lin + norm2 + mlp  # per token, without attention
     # the MLP's backward: d(product) and d(both factors), with the incoming gradient
     mlp_bwd = 3 * c * i + a * h
-    lora_bwd = (4 + c) * h if (lay.autocast and lora_set) else 0  # PEFT's fp32 cast, backwards
+    lora_bwd = (4 + c) * h if (adapter_cast and lora_set) else 0  # PEFT's fp32 cast, backwards
     pre_attention = norm1 + qkv + o_lin  # what is still saved when the attention's backward runs
     # autocast casts frozen fp32 weights at each call, and their matmuls keep the copy for
     # the input gradient: the layer's, less those whose backward has run
@@ -596,7 +699,7 @@ def _phases(config: Config, s: ModelShape, tr: Trainables, lay: Layout, backend:
         ckpt_fwd = s.layers * ckpt_tensor
 
     # ------------------------------------------------------------ the LM head and the loss
-    head = _head_terms(config, s, tr, lay, b, n)
+    head = _head_terms(config, s, tr, lay, b, n, trained_cast=adapter_cast or not lay.autocast)
 
     phases: dict[str, dict[str, int]] = {}
 
@@ -689,12 +792,161 @@ def _phases(config: Config, s: ModelShape, tr: Trainables, lay: Layout, backend:
     )
     opt_temp = tr.total * 4 if device == "cuda" else 2 * tr.largest * 4  # foreach vs per tensor
     phase("optimizer_step", gradients=all_grads, optimizer_step_temporaries=opt_temp)
-    return phases, host, notes
+    if fs is None:
+        return phases, host, notes, 0
+    phases, offloaded, fsdp_notes = _fsdp_phases(phases, fs, s, tr, stored_w, accumulating,
+                                                 shared["inputs_and_rope"], ckpt_tensor)
+    return phases, host, notes + fsdp_notes, offloaded
 
 
-def _head_terms(config: Config, s: ModelShape, tr: Trainables, lay: Layout, b: int, n: int) -> dict[str, int]:
+ACTIVATION_TERMS = ("checkpointed_activations", "layer_recompute", "lm_head_loss", "attention",
+                    "autocast_weight_copies")
+
+
+def _fsdp_phases(ddp: dict[str, dict[str, int]], fs: Sharding, s: ModelShape, tr: Trainables, w: int,
+                 accumulating: bool, inputs: int, layer_input: int):
+    """The phases of ``ddp`` (the same step's activations, phase by phase) as FSDP2 holds
+    the weights (torch 2.13's ``torch/distributed/fsdp/_fully_shard``; see ``Sharding``), and
+    the moments FSDP adds (a group's all-gather, the reduce-scatters of the final callback).
+    ``inputs``: the step's ids, positions and RoPE tables; ``layer_input``: one layer's input.
+
+    - every rank keeps 1/W of the base weights (in their dtype), of the trained parameters,
+      their gradients and AdamW's state (fp32): ``*_sharded``; with
+      ``train.fsdp.cpu_offload`` on a GPU all four are in host memory instead;
+    - a gathered group costs twice its size while it computes: FSDP2 all-gathers into one
+      flat buffer and copies it out into per-parameter unsharded tensors. In the forward it
+      keeps the flat buffer until the next group's copy-out has ended ("implicit forward
+      prefetching": ``AllGatherState``, dropped in the next group's ``wait_for_unshard``):
+      three layers' worth at that copy-out, two while a layer computes. In the backward it
+      frees the flat buffer after the copy-out, but all-gathers the group that runs next (the
+      layer below) as soon as this one's backward starts (``_backward_prefetch``): two.
+      https://docs.pytorch.org/docs/stable/notes/fsdp.html ("FSDP Prefetch Nuances")
+      describes the same implicit forward prefetch for FSDP1;
+    - ``reshard_after_forward: false``: every layer stays gathered from its forward to its
+      backward (the whole base unsharded, as with DDP, from the end of the forward);
+    - the root (the loss module: head, final norm, tied embedding) is never resharded after
+      its forward (FSDP2 special-cases the root, ``_fsdp_state.py``); it and the input
+      embedding (whose input, the token ids, needs no gradient) are resharded and
+      reduce-scattered in the backward's final callback, the root first: both gathered, with
+      their trained parameters' unsharded gradients, until then;
+    - a group's trained parameters' gradients are unsharded (in the gathered dtype) until its
+      reduce-scatter, which copies them into an fp32 buffer of the group's size and keeps
+      that buffer until the next group's reduce-scatter (``reduce_scatter_max_input_buffers``
+      = 1); gloo's reduce-scatter (CPU) also copies its whole input; gradients accumulate in
+      fp32 shards;
+    - no DDP buckets."""
+    world = max(fs.world, 1)
+    layers = s.layers
+    base = 0 if fs.offload else s.params() * w // world
+    params = 0 if fs.offload else tr.total * 4 // world
+    optimizer = 0 if fs.offload else (tr.total * 8 + tr.allocator_state * 4) // world
+    all_grads = tr.total * 4
+    head_grad = s.vocab * s.hidden * 4 if tr.head_trained else 0
+    embed_grad = fs.embedding_trained * 4
+    root_trained = fs.root_grads // fs.trained_bytes
+    L, E, R = fs.layer, fs.embedding, fs.root
+    # one rank alone gathers nothing: FSDP2 copies the shard into the unsharded parameters
+    # directly, without an all-gather output (``wait_for_unshard``, world size 1)
+    flat = 1 if world > 1 else 0
+    # reshard_after_forward=false: the layers (and the embedding) stay gathered to their backward
+    held = layers * L
+    held_embedding = 0 if fs.reshard else E
+    # a tied, trained embedding's gradient from the embedding's backward, before it is summed
+    # into the head's (the root's unsharded gradient)
+    tied_extra = s.vocab * s.hidden * fs.trained_bytes if (tr.embed_trained and s.tied) else 0
+
+    def reduce_scatter(trained: int) -> int:
+        """A group's reduce-scatter: its fp32 input, the reduced shard while it is added to the
+        gradient's (or moved to the host), and gloo's copy of the input."""
+        rs_out = trained * 4 // world if (accumulating or fs.offload) else 0
+        return trained * 4 + rs_out + (trained * 4 if fs.gloo and world > 1 else 0)
+
+    def build(ddp_terms: dict[str, int] | None, *, layers_: int = 0, embedding: int = 0, root: int = 0,
+              grads: int = 0, unsharded: int = 0, rs: int = 0, activations: dict[str, int] | None = None,
+              optimizer_temp: int = 0) -> dict[str, int]:
+        terms = {
+            "base_weights_sharded": base, "trainable_params_sharded": params, "optimizer_state_sharded": optimizer,
+            "gradients_sharded": 0 if fs.offload else (all_grads if accumulating else grads) // world,
+            "gathered_layers": layers_, "gathered_embedding": embedding, "gathered_root": root,
+            "unsharded_gradients": unsharded, "reduce_scatter_buffers": rs,
+        }
+        terms.update(activations if activations is not None else
+                     {k: (ddp_terms or {}).get(k, 0) for k in ACTIVATION_TERMS})
+        if optimizer_temp:
+            terms["optimizer_step_temporaries"] = optimizer_temp
+        return terms
+
+    in_backward = all_grads - embed_grad - head_grad  # the layers' (reduced as they finish; counted whole)
+    out: dict[str, dict[str, int]] = {}
+    if E:
+        # the embedding's copy-out: its all-gather output and unsharded weight, the root's too
+        out["embedding_forward"] = build(None, embedding=(1 + flat) * E, root=(1 + flat) * R,
+                                         activations={"checkpointed_activations": inputs})
+    if "forward" in ddp:
+        first_acts = dict(ddp["forward"], checkpointed_activations=ddp["forward"]["checkpointed_activations"]
+                          - layer_input, layer_recompute=0, attention=0, autocast_weight_copies=0)
+    else:  # no checkpointing: the last layer's forward finds the other layers' saved activations
+        lb = ddp["loss_backward"]
+        first_acts = {k: lb.get(k, 0) * (layers - 1) // layers for k in ("layer_recompute", "autocast_weight_copies")}
+        first_acts["checkpointed_activations"] = lb.get("checkpointed_activations", 0)
+    # the last layer's copy-out in the forward: the layer above's all-gather output is still held
+    out["layer_all_gather"] = build(None, layers_=(1 + 2 * flat) * L if fs.reshard else held + 2 * flat * L,
+                                    embedding=held_embedding, root=R,
+                                    activations={k: v for k, v in first_acts.items() if k in ACTIVATION_TERMS})
+    for name, terms in ddp.items():
+        if name == "forward":
+            out[name] = build(terms, layers_=(1 + flat) * L if fs.reshard else held + flat * L,
+                              embedding=held_embedding, root=R)
+        elif name == "loss_forward":
+            # the last layer's all-gather output waits for the root's post-forward
+            out[name] = build(terms, layers_=flat * L if fs.reshard else held + flat * L,
+                              embedding=held_embedding, root=R)
+        elif name == "loss_backward":
+            out[name] = build(terms, layers_=0 if fs.reshard else held, embedding=held_embedding, root=R)
+        elif name.startswith("last_layer_"):
+            out[name] = build(terms, layers_=(1 + flat) * L if fs.reshard else held, embedding=held_embedding,
+                              root=R, grads=in_backward, unsharded=fs.root_grads + fs.layer_grads)
+        elif name == "embedding_backward":
+            out[name] = build(terms, embedding=E, root=R, grads=in_backward,
+                              unsharded=fs.root_grads + fs.embedding_grads + tied_extra,
+                              rs=fs.layer_trained * 4)  # layer 0's input buffer, until the next reduce
+            if fs.root_grads:
+                out["root_reduce_scatter"] = build(
+                    None, embedding=E, grads=in_backward + (head_grad if not (accumulating or fs.offload) else 0),
+                    unsharded=fs.root_grads + fs.embedding_grads, rs=reduce_scatter(root_trained), activations={})
+            if fs.embedding_grads:
+                out["embedding_reduce_scatter"] = build(  # the reduced shard: the last gradient's
+                    None, grads=all_grads,
+                    unsharded=fs.embedding_grads, rs=reduce_scatter(fs.embedding_trained), activations={})
+        elif name == "optimizer_step":
+            # foreach AdamW over the DTensor shards on a GPU; on the CPU (offloaded) per tensor
+            temp = 0 if fs.offload else terms.get("optimizer_step_temporaries", 0) // world
+            out[name] = build(None, grads=all_grads, activations={}, optimizer_temp=temp)
+        else:  # pragma: no cover - every phase of _phases is mapped above
+            raise AssertionError(f"plan: no FSDP mapping for phase {name!r}")
+    notes = [f"train.strategy=fsdp over {world} rank(s): base weights, trained parameters, gradients and AdamW "
+             f"state sharded; one decoder layer gathered is {L / GiB:.2f} GiB"
+             + (", held twice over while it computes (FSDP2's prefetch), three times at a copy-out" if fs.reshard
+                else "; reshard_after_forward=false keeps every layer gathered from its forward to its backward")
+             + f"; the root (head, final norm{', tied embedding' if s.tied else ''}) stays gathered: "
+             f"{R / GiB:.2f} GiB"
+             + (" (weights gathered in the compute dtype: MixedPrecisionPolicy)" if fs.mixed else "")]
+    offloaded = 0
+    if fs.offload:
+        offloaded = (s.params() * w + tr.total * 4 + all_grads + tr.total * 8 + tr.allocator_state * 4
+                     + 2 * tr.largest * 4) // world
+        notes.append(f"train.fsdp.cpu_offload: the shards of the weights, trained parameters, gradients and AdamW "
+                     f"state ({offloaded / GiB:.1f} GiB per worker) in host memory, the optimizer step on the CPU")
+    notes.append(f"loading: rank 0 reads the whole base into host memory ({s.params() * w / GiB:.1f} GiB) "
+                 "and broadcasts it into the shards; the other ranks build on the meta device")
+    return out, offloaded, notes
+
+
+def _head_terms(config: Config, s: ModelShape, tr: Trainables, lay: Layout, b: int, n: int,
+                trained_cast: bool = True) -> dict[str, int]:
     """The final norm, the LM head and the cross-entropy, forward and backward, stock or
-    chunked (train/loss.py): bytes live at each one's peak."""
+    chunked (train/loss.py): bytes live at each one's peak. ``trained_cast``: autocast
+    casts a trained (fp32) head (not when FSDP gathered it in the compute dtype)."""
     a, c, w = lay.a, lay.c, lay.w
     h, v = s.hidden, s.vocab
     tok, targets = b * n, b * (n - 1)
@@ -703,7 +955,7 @@ def _head_terms(config: Config, s: ModelShape, tr: Trainables, lay: Layout, b: i
     # normalised x for a trained weight; a frozen head keeps no input
     norm = 4 * h * tok + (a * h * tok if tr.norms_trained else 0)
     head_input = (c if lay.autocast else a) * h * tok if tr.head_trained else 0
-    head_weight_cast = c * v * h if (lay.autocast and (tr.head_trained or w != c)) else 0
+    head_weight_cast = c * v * h if (lay.autocast and ((tr.head_trained and trained_cast) or w != c)) else 0
     logits_dtype = c if lay.autocast else 4 if tr.head_trained else w
     head_grad = v * h * 4 if tr.head_trained else 0
     step = max(1, t.loss_chunk_tokens // max(b, 1)) if t.chunked_loss else None
@@ -852,7 +1104,7 @@ def format_plan(plan: Plan) -> str:
         f"model      {plan.model}   ({plan.params['base'] / 1e9:.2f}B parameters, "
         f"{plan.params['trained'] / 1e6:.1f}M trained)",
         f"run        {plan.context} tokens x {plan.batch} per micro-batch, attention {plan.backend}, "
-        f"weights {plan.layout['weights']}, autocast {plan.layout['autocast']}",
+        f"weights {plan.layout['weights']}, autocast {plan.layout['autocast']}, {plan.strategy}",
     ]
     if plan.gpu is not None:
         verdict = "fits" if plan.fits else "does NOT fit"
@@ -865,6 +1117,11 @@ def format_plan(plan: Plan) -> str:
         if value:
             lines.append(f"  {name:28s} {value / GiB:9.2f} GiB")
     lines.append("phases     " + ", ".join(f"{k} {v:.2f}" for k, v in d["phases_gib"].items()) + " (GiB)")
+    if plan.host_bytes or plan.host_offload_bytes:
+        parts = ([f"{plan.host_bytes / GiB:.1f} GiB of offloaded layer inputs (pinned)"] if plan.host_bytes else []) \
+            + ([f"{plan.host_offload_bytes / GiB:.1f} GiB of FSDP shards"] if plan.host_offload_bytes else [])
+        lines.append(f"host       {' + '.join(parts)} per worker; {plan.host_per_node_bytes / GiB:.1f} GiB for "
+                     f"{plan.workers_per_node} worker(s) on a node")
     if plan.max_context is not None:
         cap = " (the search's cap)" if plan.max_context >= MAX_CONTEXT_CAP else ""
         lines.append(f"max context {plan.max_context} tokens fit with these settings{cap}")

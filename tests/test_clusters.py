@@ -322,6 +322,7 @@ def test_walkthrough_commands_name_real_recipes_and_yamls():
 @pytest.mark.parametrize("recipe, model, context", [
     ("llama2-7b-100k.yaml", "meta-llama/Llama-2-7b-hf", 100_000),
     ("llama2-13b-64k.yaml", "meta-llama/Llama-2-13b-hf", 65_536),
+    ("llama2-70b-32k.yaml", "meta-llama/Llama-2-70b-hf", 32_768),
     ("llama2-7b-32k.yaml", "meta-llama/Llama-2-7b-hf", 32_768),
 ])
 def test_one_node_recipes_have_the_longlora_settings(recipe, model, context):

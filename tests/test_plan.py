@@ -456,6 +456,30 @@ def test_fsdp_shards_the_state_and_gathers_a_layer_at_a_time_in_bf16():
     assert offload.host_per_node_bytes == 8 * offload.host_offload_bytes
 
 
+def test_the_13b_and_70b_recipes_take_what_the_plan_needs():
+    """llama2-13b-64k: FSDP alone fits, without the activation offload plain data parallel
+    needs; llama2-70b-32k: FSDP alone does not fit, FSDP with the layer inputs in host memory
+    does (and data parallel cannot hold its weights)."""
+    fits = lambda name, *o: plan_run(recipe(name, *o), "a100-80gb", search_max_context=False).fits  # noqa: E731
+    assert recipe("llama2-13b-64k").train.strategy == "fsdp" and not recipe("llama2-13b-64k").model.activation_offload
+    assert fits("llama2-13b-64k") and not fits("llama2-13b-64k", "train.strategy=ddp")
+    seventy = recipe("llama2-70b-32k")
+    assert seventy.train.strategy == "fsdp" and seventy.model.activation_offload and not seventy.train.fsdp.cpu_offload
+    assert fits("llama2-70b-32k") and not fits("llama2-70b-32k", "model.activation_offload=false")
+    assert not fits("llama2-70b-32k", "train.strategy=ddp")
+
+
+def test_plan_json_of_an_fsdp_recipe():
+    done = run_plan("--config", "pipelines/configs/llama2-70b-32k.yaml", "--gpu", "a100-80gb", "--json")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["strategy"] == "fsdp" and out["fits"] is True
+    terms = {"base_weights_sharded", "gathered_layers", "gathered_root", "checkpointed_activations"}
+    assert terms <= set(out["breakdown"])
+    assert sum(out["breakdown"].values()) == pytest.approx(out["peak_gib"], abs=0.02)
+    assert out["host_per_node_gib"] == pytest.approx(8 * out["host_pinned_gib"], abs=0.01)
+
+
 # ---------------------------------------------------------------- shipped model configs
 
 PUBLISHED_PARAMS = {  # billions, as each model card counts them

@@ -28,6 +28,15 @@ through flash-attn / torch varlen kernels: the attention terms of the GPU backen
 allocator's rounding and the kernels' internal workspaces are modelled from their source
 and only a GPU can check them (``benchmarks/gpu_check.py`` prints predicted vs measured).
 
+FSDP (``train.strategy=fsdp``, train/parallel.py): the same step's activations, with the
+weights, trained parameters, gradients and AdamW state sharded over ``scaling.num_workers``
+ranks and the working set FSDP2 gathers added phase by phase (two decoder layers while one
+computes, the root from forward to backward, unsharded gradients and reduce-scatter
+buffers; ``_fsdp_phases`` says what and from which part of torch's source), checked on the
+CPU against the tracked per-rank peak of a real 2-rank gloo step (tests/test_plan.py). On
+GPUs the weights are gathered in bf16 (MixedPrecisionPolicy), which the CPU path does not
+use: that, and the CUDA streams' timing of the prefetch, only a GPU can check.
+
 Assumptions, stated in every plan: ``attention.backend: auto`` on a GPU is flash-attn (the
 cluster YAMLs install it); rows may hold several documents when ``data.position_ids`` is
 ``document`` (the default), so backends that build document masks (CUDA SDPA for S2, the

@@ -530,7 +530,7 @@ def plan_run(config: Config, gpu: str | GPU | None = None, *, device: str = "cud
         if config.train.strategy == "fsdp":
             notes.append("modelled from their source, not yet measured on a GPU: the attention kernels' terms, "
                          "FSDP2's bf16 gathers and prefetch on CUDA streams, CPU offload, activation offload; "
-                         "the fp32 FSDP step on the CPU (2 gloo ranks) matched its tracked peak")
+                         "the CPU's FSDP step (2 gloo ranks, bf16 and fp32 weights) matched its tracked peak within 1%")
         else:
             notes.append("modelled from their source, not yet measured on a GPU: the attention kernels' terms, "
                          "DDP's buckets, activation offload; the rest matched the CPU step's tracked peak within 2%")

@@ -17,6 +17,20 @@ set during one step after a warm-up, in a fresh process per measurement (median 
 Part 2 — Ray Train's overhead: the same optimizer steps (longtune.train.loop's own
 functions, context --ray-context) timed in a plain loop in this process and inside a
 TorchTrainer with one worker holding the same number of threads. Prints a table, writes JSON.
+
+Part 3 (--parts fsdp, issue #16) — train.strategy=ddp against fsdp (reshard_after_forward
+true, and false) on 2 gloo ranks of this machine (torch.multiprocessing, 127.0.0.1, no Ray,
+the threads split between them), for a model whose weights dominate a rank's memory (a
+Llama of hidden 1024, 6 layers, an untied 32k vocabulary: 544 MiB of fp32 weights; LoRA+,
+gradient checkpointing, --fsdp-context tokens a block). Each rank builds the three cases
+side by side with the loop's own functions (build_parallel, build_optimizer,
+optimizer_step) and steps them in turn on the same blocks, so machine noise slows all
+alike. Per rank: the tensors held between steps (this rank's part of the frozen base, the
+trained parameters and AdamW's moments), the resident set the case added (built, one
+warm-up step), the peak resident set's rise during one later step and their sum, the
+step's wall-clock and CPU seconds (medians over --fsdp-reps; ratios to DDP the medians of
+per-rep ratios), and the loss's largest relative difference from DDP's on the same steps.
+Writes --fsdp-out.
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ import argparse
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -235,6 +250,185 @@ def ray_overhead(model_dir: str, args) -> dict:
     return row
 
 
+# -------------------------------------------------------------------- DDP vs FSDP2 (#16)
+
+# weights dominate a rank's memory: 143M parameters (544 MiB in fp32), 46% of them the
+# untied embedding and head of a 32k vocabulary, against a 512-token block's activations
+FSDP_SHAPE = {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 6, "num_attention_heads": 16,
+              "num_key_value_heads": 16, "vocab_size": 32000, "max_position_embeddings": 512,
+              "tie_word_embeddings": False}
+# (name, train.strategy, train.fsdp.reshard_after_forward); fsdp_keep: layers gathered to the backward
+FSDP_CASES = [("ddp", "ddp", True), ("fsdp", "fsdp", True), ("fsdp_keep", "fsdp", False)]
+
+
+def _storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (this rank's shards of DTensors)."""
+    from longtune.distributed import local_shard
+
+    seen = {}
+    for t in tensors:
+        storage = local_shard(t).untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def tensor_bytes(model, optimizer) -> dict:
+    """What a rank holds between steps, as tensor bytes: the frozen base (whole, and this
+    rank's part), the trained parameters and AdamW's moments (this rank's part)."""
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    trained = [p for p in model.parameters() if p.requires_grad]
+    moments = [v for state in optimizer.state.values() for v in state.values()
+               if isinstance(v, torch.Tensor) and v.numel() > 1]
+    return {"base_whole_bytes": sum(p.numel() * p.element_size() for p in frozen),
+            "base_rank_bytes": _storage_bytes(frozen),
+            "trained_rank_bytes": _storage_bytes(trained),
+            "adamw_rank_bytes": _storage_bytes(moments)}
+
+
+def _fsdp_rank(rank: int, world: int, port: int, model_dir: str, primer_dir: str, vocab: int, context: int,
+               reps: int, threads: int, out: str) -> None:
+    """One of the gloo ranks: every case's model built side by side, then their optimizer
+    steps alternated rep by rep on the same blocks, each step's time and peak rise taken.
+    Every case is first built and stepped once on a tiny model (``primer_dir``), so the
+    memory a process spends once (imports, caches, gloo's buffers) is no case's."""
+    import gc
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    from benchmarks._common import rss_kib
+    from longtune.config import with_overrides
+    from longtune.precision import resolve_precision
+    from longtune.train.loop import build_optimizer, build_parallel, optimizer_step
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(threads)
+    device = torch.device("cpu")
+    gen = torch.Generator().manual_seed(1000 + rank)  # each rank its own blocks, every case the same
+    blocks = [{"input_ids": torch.randint(0, vocab, (1, context), generator=gen),
+               "position_ids": torch.arange(context)[None]} for _ in range(reps + 1)]
+
+    def build(name: str, path: str, ctx: int):
+        """Case ``name``'s model at ``path`` and one optimizer step of it on a block."""
+        strategy, reshard = next((s, r) for n, s, r in FSDP_CASES if n == name)
+        config = with_overrides(config_for(path, ctx, "s2", "train.precision=fp32"),
+                                {"train.strategy": strategy, "train.fsdp.reshard_after_forward": reshard})
+        precision = resolve_precision(config.model, config.train, "cpu")
+        torch.manual_seed(0)  # the same adapter initialisation (rank 0's) in every case
+        par = build_parallel(config, path, device, precision)
+        params, optimizer, scheduler = build_optimizer(config, par.model)
+        par.model.train()
+        autocast = precision.autocast(device)
+
+        def step(block, into: list | None = None) -> None:
+            """One optimizer step on ``block``; its wall-clock and CPU seconds and loss into ``into``."""
+            start, cpu = time.perf_counter(), time.process_time()
+            loss = optimizer_step(par.wrapped, [block], params, optimizer, scheduler, config, autocast)
+            if into is not None:
+                into.append((time.perf_counter() - start, time.process_time() - cpu, loss))
+
+        return par, optimizer, step
+
+    primer = {"input_ids": torch.randint(0, 64, (1, 64), generator=gen), "position_ids": torch.arange(64)[None]}
+    for name, _, _ in FSDP_CASES:
+        build(name, primer_dir, 64)[2](primer)
+    runs, result = {}, {"rank": rank, "cases": {}}
+    for name, _, _ in FSDP_CASES:
+        gc.collect()
+        before = rss_kib("VmRSS")
+        par, optimizer, runs[name] = build(name, model_dir, context)
+        runs[name](blocks[0])  # warm-up: AdamW's moments exist from here on, as in every later step
+        gc.collect()
+        held = (rss_kib("VmRSS") - before) * 1024
+        result["cases"][name] = {"held_rss_bytes": held, **tensor_bytes(par.model, optimizer),
+                                 "wall_s": [], "cpu_s": [], "rise_bytes": [], "loss": []}
+        del par, optimizer
+    for block in blocks[1:]:  # interleaved: machine noise slows every case alike
+        for name, _, _ in FSDP_CASES:
+            dist.barrier()  # every rank starts the step together: the wait is not the step's
+            into = []
+            rise = peak_rise_bytes(partial(runs[name], block, into))
+            ((wall, cpu, loss),) = into
+            case = result["cases"][name]
+            case["wall_s"].append(wall)
+            case["cpu_s"].append(cpu)
+            case["rise_bytes"].append(rise)
+            case["loss"].append(loss.mean)
+        if rank == 0:
+            print("  step s (CPU s): " + "  ".join(
+                f"{n} {result['cases'][n]['wall_s'][-1]:.1f} ({result['cases'][n]['cpu_s'][-1]:.1f})"
+                for n, _, _ in FSDP_CASES), flush=True)
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def fsdp_rows(args, shape: dict) -> dict:
+    """DDP against FSDP2 (reshard after forward, and not) on 2 gloo ranks of this machine."""
+    import json
+    import os
+    import socket
+
+    import torch.multiprocessing as mp
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    world = 2
+    threads = max(1, torch.get_num_threads() // world)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        LlamaForCausalLM(LlamaConfig(**shape)).save_pretrained(Path(tmp) / "model")
+        LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=4, vocab_size=64, max_position_embeddings=64,
+                                     tie_word_embeddings=False)).save_pretrained(Path(tmp) / "primer")
+        # the ranks' allocators return every large freed block (see run_isolated): the
+        # resident set follows what is allocated
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
+        mp.spawn(_fsdp_rank, args=(world, port, str(Path(tmp) / "model"), str(Path(tmp) / "primer"),
+                                   shape["vocab_size"], args.fsdp_context, args.fsdp_reps, threads, tmp),
+                 nprocs=world, join=True)
+        ranks = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world)]
+    rows = []
+    for r in ranks:
+        ddp = r["cases"]["ddp"]
+        for name, strategy, reshard in FSDP_CASES:
+            c = r["cases"][name]
+            row = {"rank": r["rank"], "case": name, "strategy": strategy, "reshard_after_forward": reshard,
+                   **{k: c[k] for k in ("base_whole_bytes", "base_rank_bytes", "trained_rank_bytes",
+                                        "adamw_rank_bytes", "held_rss_bytes")},
+                   "rise_bytes": median(c["rise_bytes"]), "step_s": median(c["wall_s"]),
+                   "cpu_s": median(c["cpu_s"]), "wall_s_reps": c["wall_s"], "cpu_s_reps": c["cpu_s"],
+                   "rise_bytes_reps": c["rise_bytes"], "loss_reps": c["loss"]}
+            row["peak_bytes"] = row["held_rss_bytes"] + row["rise_bytes"]
+            # each rep's steps ran back to back: the median of their ratios survives slow drifts
+            row["step_vs_ddp"] = median(w / d for w, d in zip(c["wall_s"], ddp["wall_s"]))
+            row["cpu_vs_ddp"] = median(w / d for w, d in zip(c["cpu_s"], ddp["cpu_s"]))
+            row["peak_vs_ddp"] = row["peak_bytes"] / (ddp["held_rss_bytes"] + median(ddp["rise_bytes"]))
+            row["loss_vs_ddp"] = max(abs(a - b) / abs(b) for a, b in zip(c["loss"], ddp["loss"]))
+            rows.append(row)
+    mib = 2**20
+    print(f"{'':18} {'tensors held, MiB':^29} {'resident set, MiB':^23} {'step':^13} {'vs ddp':^20}\n"
+          f"{'rank strategy reshard':18} {'base':>9} {'trained':>9} {'AdamW':>9} {'held':>7} {'rise':>7} "
+          f"{'peak':>7} {'s':>6} {'CPU s':>6} {'peak':>6} {'step':>6} {'CPU s':>6} {'loss diff':>9}")
+    for row in rows:
+        reshard = "-" if row["strategy"] == "ddp" else str(row["reshard_after_forward"]).lower()
+        print(f"{row['rank']:4d} {row['strategy']:8} {reshard:5} {row['base_rank_bytes'] / mib:9.0f} "
+              f"{row['trained_rank_bytes'] / mib:9.1f} {row['adamw_rank_bytes'] / mib:9.1f} "
+              f"{row['held_rss_bytes'] / mib:7.0f} {row['rise_bytes'] / mib:7.0f} {row['peak_bytes'] / mib:7.0f} "
+              f"{row['step_s']:6.2f} {row['cpu_s']:6.2f} {row['peak_vs_ddp']:6.2f} {row['step_vs_ddp']:6.2f} "
+              f"{row['cpu_vs_ddp']:6.2f} {row['loss_vs_ddp']:9.1e}")
+    whole = rows[0]["base_whole_bytes"]
+    shard = max(row["base_rank_bytes"] for row in rows if row["strategy"] == "fsdp")
+    print(f"base weights: {whole / mib:.0f} MiB whole (every DDP rank), {shard / mib:.0f} MiB on an FSDP rank "
+          f"({shard / whole:.2f} of it) at {world} ranks")
+    return {"shape": shape, "context": args.fsdp_context, "world": world, "threads_per_rank": threads,
+            "reps": args.fsdp_reps, "rows": rows}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192, 16384])
@@ -243,8 +437,13 @@ def main() -> None:
     p.add_argument("--chunk-tokens", type=int, default=None, help="train.loss_chunk_tokens (default: the config's)")
     p.add_argument("--ray-context", type=int, default=4096)
     p.add_argument("--ray-steps", type=int, default=8)
-    p.add_argument("--parts", nargs="+", default=["speed", "ray"], choices=["speed", "ray"])
+    p.add_argument("--parts", nargs="+", default=["speed", "ray"], choices=["speed", "ray", "fsdp"])
     p.add_argument("--out", default="benchmarks/results/train_step.json")
+    p.add_argument("--fsdp-context", type=int, default=512, help="--parts fsdp: tokens a block")
+    p.add_argument("--fsdp-reps", type=int, default=3, help="--parts fsdp: timed steps per case (median)")
+    p.add_argument("--fsdp-shape", nargs="*", default=[], metavar="KEY=INT",
+                   help="--parts fsdp: LlamaConfig fields replacing the default shape's (a smaller model)")
+    p.add_argument("--fsdp-out", default="benchmarks/results/train_step_fsdp.json")
     p.add_argument("--_peak", nargs=5, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._peak:
@@ -253,6 +452,14 @@ def main() -> None:
         return
     if args.chunk_tokens is None:
         args.chunk_tokens = Config().train.loss_chunk_tokens
+    if "fsdp" in args.parts:
+        shape = {**FSDP_SHAPE, **{k: int(v) for k, v in (kv.split("=", 1) for kv in args.fsdp_shape)}}
+        print(f"DDP vs FSDP2, 2 gloo ranks: a Llama of {shape['num_hidden_layers']} layers, hidden "
+              f"{shape['hidden_size']}, vocab {shape['vocab_size']} (untied), fp32, LoRA+, gradient "
+              f"checkpointing, {args.fsdp_context} tokens a block, batch 1, torch {torch.__version__}")
+        print(f"wrote {write_json(args.fsdp_out, fsdp_rows(args, shape))}")
+        if not {"speed", "ray"} & set(args.parts):
+            return
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = save_model(Path(tmp) / "model")
         print(f"Training steps of a seed-shaped Llama ({SHAPE['num_hidden_layers']} layers, hidden "

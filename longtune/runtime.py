@@ -2,10 +2,37 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
 from longtune.config import Config
+
+
+# Ray Train 2.60's detached PlacementGroupCleaner asks the state API, served by the dashboard,
+# whether the controller lives; a local Ray started without the dashboard makes every ask fail
+# and the cleaner logs this warning at every check, hundreds of lines in a short run (its
+# clean-up of a crashed controller's placement group cannot run there either way).
+_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+_CLEANER_NOISE = "Failed to query Ray Train Controller actor state"
+
+
+def _drop_cleaner_noise(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(_CLEANER_NOISE)
+
+
+def quiet_ray_workers() -> None:
+    """Every worker process of a longtune job runs this first (``worker_process_setup_hook``):
+    drops the one Ray Train warning above; every other message stays."""
+    logger = logging.getLogger(_CLEANER_LOGGER)
+    if _drop_cleaner_noise not in logger.filters:
+        logger.addFilter(_drop_cleaner_noise)
+
+
+def job_runtime_env() -> dict:
+    """The runtime environment of every Ray a longtune job starts or joins."""
+    return {"env_vars": {"TOKENIZERS_PARALLELISM": "false"},
+            "worker_process_setup_hook": "longtune.runtime.quiet_ray_workers"}
 
 
 def local_cpus_needed(config: Config) -> int:
@@ -38,7 +65,7 @@ def init_ray(config: Config, *, log_to_driver: bool = True):
     if ray.is_initialized():
         return ray
     address = config.scaling.ray_address or os.environ.get("RAY_ADDRESS")
-    runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+    runtime_env = job_runtime_env()
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=log_to_driver)
     else:

@@ -15,11 +15,9 @@ def ray_local():
     tokenizer actors, read and pack tasks can all be scheduled at once."""
     import ray
 
-    ray.init(
-        num_cpus=4,
-        include_dashboard=False,
-        runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
-    )
+    from longtune.runtime import job_runtime_env
+
+    ray.init(num_cpus=4, include_dashboard=False, runtime_env=job_runtime_env())
     yield ray
     ray.shutdown()
 

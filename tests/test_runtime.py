@@ -25,3 +25,20 @@ def test_a_local_ray_fits_workers_tokenizer_actors_and_read_tasks_at_once():
 def test_auto_uses_gpus_when_the_cluster_has_them(setting, gpus, expected):
     cluster = SimpleNamespace(cluster_resources=lambda: {"CPU": 4, **({"GPU": gpus} if gpus else {})})
     assert use_gpu(load_config(None, [f"scaling.use_gpu={setting}"]), cluster) is expected
+
+
+def test_ray_workers_drop_the_placement_group_cleaners_noise_and_nothing_else(ray_local):
+    """Without the dashboard, Ray Train's PlacementGroupCleaner warns at every check that the
+    state API is unavailable (290 lines in one 5-minute default run): every worker of the
+    job's runtime environment filters that one message out."""
+    import logging
+
+    @ray_local.remote
+    def passes(message: str) -> bool:
+        logger = logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner")
+        return bool(logger.filter(logging.LogRecord(logger.name, logging.WARNING, __file__, 1, message, None, None)))
+
+    noise = ("Failed to query Ray Train Controller actor state. State API may be temporarily unavailable. "
+             "Continuing to monitor.")
+    assert ray_local.get(passes.remote(noise)) is False
+    assert ray_local.get(passes.remote("Detected that the Ray Train controller actor (x) is dead.")) is True

@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py                     # contexts 4096, 8192, 16384
     python benchmarks/train_step.py --contexts 4096 --parts speed
+    python benchmarks/train_step.py --parts fsdp        # DDP vs FSDP2, 2 gloo ranks (~3 min)
 
 Part 1 — a seed-shaped Llama (hidden 256, 6 layers, 8 heads, vocab 8192, gradient
 checkpointing on) with LoRA+ as `longtune finetune` trains it (position interpolation from
@@ -30,7 +31,8 @@ trained parameters and AdamW's moments), the resident set the case added (built,
 warm-up step), the peak resident set's rise during one later step and their sum, the
 step's wall-clock and CPU seconds (medians over --fsdp-reps; ratios to DDP the medians of
 per-rep ratios), and the loss's largest relative difference from DDP's on the same steps.
-Writes --fsdp-out.
+Writes --fsdp-out. On CPUs the gathers run over gloo on loopback, unoverlapped: its step
+times say what sharding costs here, not on GPUs with NCCL.
 """
 
 from __future__ import annotations

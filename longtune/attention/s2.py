@@ -124,9 +124,14 @@ def s2_attention(
     backend: Backend = "auto",
     sliding_window: int | None = None,
     softcap: float | None = None,
+    always_shift: bool = False,
 ) -> tuple[torch.Tensor, None]:
     """S2-Attn. q: [B, H, N, D], k/v: [B, Hkv, N, D] (after RoPE). Returns ``(out, None)``
     with out: [B, N, H, D], as transformers' attention functions do.
+
+    ``always_shift``: shift the second half of the heads even when the N tokens are one
+    group: they are then one shard of a longer sequence (sequence parallelism,
+    ``sequence_parallel.py``), whose shifted groups straddle the shard's ends.
 
     ``attention_mask`` is the 2-D padding mask ([B, N], 1 = real token); ``position_ids``
     ([B or 1, N]) mark document starts in packed rows; ``softcap`` caps the logits (Gemma 2).
@@ -142,6 +147,11 @@ def s2_attention(
     check_backend(backend)
     softcap = check_softcap(softcap)
     group_size = resolve_group_size(n, group_size)
+    if always_shift and (shift != "split" or n % group_size):
+        raise ValueError(
+            f"always_shift needs shift='split' and whole groups, got shift={shift!r}, seq_len={n}, "
+            f"group_size={group_size}"
+        )
     if shift == "roll" and n > group_size and n % group_size:
         raise ValueError(
             f"shift='roll' needs seq_len to be a multiple of group_size, got seq_len={n}, "
@@ -149,7 +159,7 @@ def s2_attention(
         )
     anchors = (position_ids, attention_mask)
     valid, docs = token_meta(attention_mask, position_ids, b, n, query.device)
-    window = _effective_window(sliding_window, min(n, group_size))
+    window = _effective_window(sliding_window, n if always_shift else min(n, group_size))
     choice = pick_backend(
         backend, query, softcap=softcap, dropout=dropout, window=window,
         needs_masks=valid is not None or docs is not None or window is not None,
@@ -158,11 +168,14 @@ def s2_attention(
         out = varlen_attention(
             query, key, value, kernel=_KERNELS[choice], group_size=group_size, shift=shift, valid=valid,
             docs=docs, scaling=scaling, dropout=dropout, window=window, softcap=softcap, anchors=anchors,
+            always_shift=always_shift,
         )
         return out, None
     k = repeat_kv(key, h // key.shape[1])
     v = repeat_kv(value, h // value.shape[1])
-    out = _s2_sdpa(query, k, v, group_size, shift, valid, docs, scaling, dropout, window, softcap, anchors)
+    out = _s2_sdpa(
+        query, k, v, group_size, shift, valid, docs, scaling, dropout, window, softcap, anchors, always_shift
+    )
     return out, None
 
 
@@ -308,9 +321,10 @@ class _Piece:
         return t[:, self.start : self.start + self.n_groups * self.g].reshape(-1, self.g)
 
 
-def _pieces(h: int, m: int, g: int, shift: str) -> list[_Piece]:
-    """How the heads of an [B, H, M, D] input split into groupings (M a multiple of g)."""
-    if m <= g:
+def _pieces(h: int, m: int, g: int, shift: str, always_shift: bool = False) -> list[_Piece]:
+    """How the heads of an [B, H, M, D] input split into groupings (M a multiple of g;
+    ``always_shift``: split-mode groupings even for one group, see ``s2_attention``)."""
+    if m < g or (m == g and not always_shift):
         return [_Piece(slice(0, h), 0, 1, m)]
     hu, n_groups, half = h // 2, m // g, g // 2
     unshifted = _Piece(slice(0, hu), 0, n_groups, g)
@@ -318,9 +332,10 @@ def _pieces(h: int, m: int, g: int, shift: str) -> list[_Piece]:
         return [unshifted, _Piece(slice(hu, h), 0, n_groups, g, roll=half)]
     # Shifted heads: full middle groups, and the half groups at both ends as pieces of their
     # own, so that every piece is a plain view of its input (no copies, in either pass).
+    middle = [_Piece(slice(hu, h), half, n_groups - 1, g)] if n_groups > 1 else []
     return [
         unshifted,
-        _Piece(slice(hu, h), half, n_groups - 1, g),
+        *middle,
         _Piece(slice(hu, h), 0, 1, half),
         _Piece(slice(hu, h), m - half, 1, half),
     ]
@@ -337,10 +352,10 @@ class _Plan:
         self._additive: dict[torch.dtype, list] = {}
 
     @classmethod
-    def build(cls, b, h, m, g, shift, valid, docs, window, device) -> "_Plan":
+    def build(cls, b, h, m, g, shift, valid, docs, window, device, always_shift=False) -> "_Plan":
         shared: dict[int, torch.Tensor | None] = {}
         parts = []
-        for piece in _pieces(h, m, g, shift):
+        for piece in _pieces(h, m, g, shift, always_shift):
             if piece.g not in shared:
                 shared[piece.g] = group_mask(None, None, piece.g, device, window)
             rows = b * piece.n_groups
@@ -506,7 +521,9 @@ def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
-def _s2_sdpa(q, k, v, g, shift, valid, docs, scaling, dropout, window, softcap, anchors=()) -> torch.Tensor:
+def _s2_sdpa(
+    q, k, v, g, shift, valid, docs, scaling, dropout, window, softcap, anchors=(), always_shift=False
+) -> torch.Tensor:
     """[B, H, N, D] inputs (k/v repeated to H heads) -> [B, N, H, D]."""
     b, h, n, _ = q.shape
     extra = -n % g if n > g else 0
@@ -518,8 +535,8 @@ def _s2_sdpa(q, k, v, g, shift, valid, docs, scaling, dropout, window, softcap, 
         # query's future and its queries are dropped, so it needs no mask of its own.
         vt = None if valid is None else F.pad(valid, (0, extra), value=True)
         dt = None if docs is None else torch.cat([docs, docs[:, -1:].expand(-1, extra)], 1)
-        return _Plan.build(b, h, n + extra, g, shift, vt, dt, window, q.device)
+        return _Plan.build(b, h, n + extra, g, shift, vt, dt, window, q.device, always_shift)
 
-    plan = per_forward(anchors, ("s2", b, n, g, shift, window, h, q.device), build)
+    plan = per_forward(anchors, ("s2", b, n, g, shift, window, h, q.device, always_shift), build)
     out = _grouped_attention(q, k, v, plan, scaling, dropout, softcap)
     return out[:, :n] if extra else out

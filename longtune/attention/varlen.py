@@ -39,13 +39,15 @@ def varlen_attention(
     window: int | None = None,
     softcap: float | None = None,
     anchors: tuple = (),
+    always_shift: bool = False,
 ) -> torch.Tensor:
     """q: [B, H, N, D], k/v: [B, Hkv, N, D] -> [B, N, H, D]. ``group_size=None``: full causal
-    attention (every head sees its whole document), else S2-Attn with that group size."""
+    attention (every head sees its whole document), else S2-Attn with that group size
+    (``always_shift``: shifted even when N is one group, as ``s2_attention`` says)."""
     b, h, n, d = query.shape
     n_rep = h // key.shape[1]
     hu = h // 2
-    full = group_size is None or n <= group_size
+    full = group_size is None or n < group_size or (n == group_size and not always_shift)
     if not full and hu % n_rep:  # a half must own whole kv heads; else give every query head its own
         key, value, n_rep = repeat_kv(key, n_rep), repeat_kv(value, n_rep), 1
     hkv = key.shape[1]

@@ -124,3 +124,47 @@ def local_part(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         whole.to(mesh_device(like)), like.device_mesh, like.placements, src_data_rank=None
     ).to_local()
     return mine.to(local_shard(like).device)
+
+
+# ---------------------------------------------------------------- sequence parallelism
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def sequence_groups(size: int):
+    """The process groups of sequence parallelism: consecutive ranks ``[i*size, (i+1)*size)``
+    share a sequence. Every rank must call this (``new_group`` is collective), with the
+    same ``size``; returns (this rank's group, the global ranks in it)."""
+    world = world_size()
+    if size < 1 or world % size:
+        raise ValueError(f"sequence parallel size {size} must divide the number of ranks ({world})")
+    mine, members = None, ()
+    for start in range(0, world, size):
+        ranks = tuple(range(start, start + size))
+        group = dist.new_group(list(ranks)) if is_distributed() and size > 1 else None
+        if rank() in ranks:
+            mine, members = group, ranks
+    return mine, members
+
+
+def exchange(
+    sends: Sequence[tuple[torch.Tensor, int]],
+    recvs: Sequence[tuple[torch.Tensor, int]],
+    device: torch.device | str,
+    group=None,
+) -> None:
+    """Point-to-point: send each ``(tensor, global rank)`` of ``sends`` and fill each
+    ``(tensor, global rank)`` of ``recvs`` in place, all posted at once and waited for, so
+    that ranks sending to each other in a chain cannot deadlock. Tensors on ``device``."""
+    ops = []
+    for tensor, peer in sends:
+        _check_device(tensor, device)
+        ops.append(dist.P2POp(dist.isend, tensor, peer, group))
+    for tensor, peer in recvs:
+        _check_device(tensor, device)
+        ops.append(dist.P2POp(dist.irecv, tensor, peer, group))
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()

@@ -1,0 +1,181 @@
+"""Sequence-parallel S2-Attn (longtune/attention/sequence_parallel.py) on real gloo ranks:
+each rank's output and the gradients of its q, k, v equal the rows of single-process
+S2-Attn on the whole sequence, for P = 2 and 4 (P = 4 makes every shard one group)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from longtune.attention.s2 import s2_attention
+from longtune.attention.sequence_parallel import SequenceShard, sequence_parallel_s2_attention
+
+N, G, D = 64, 16, 8  # 4 groups: P = 2 gives 2 groups per shard, P = 4 one
+
+def _positions(batch: int) -> torch.Tensor:
+    """Packed documents with starts inside shards, at a shard's first token (32), at the
+    token before a cut (47) and crossing every cut."""
+    rows = []
+    for starts in ([0, 5, 32, 47], [0, 20, 40, 59]):
+        pos = torch.zeros(N, dtype=torch.long)
+        bounds = starts + [N]
+        for a, b in zip(bounds, bounds[1:]):
+            pos[a:b] = torch.arange(b - a)
+        rows.append(pos)
+    return torch.stack(rows[:batch])
+
+
+def _padding() -> torch.Tensor:
+    mask = torch.ones(2, N, dtype=torch.long)
+    mask[1, 44:] = 0  # crosses the last cut of P = 4 (48)
+    return mask
+
+
+CASES = {
+    # name: (heads, kv heads, positions?, padding?, sliding window, softcap)
+    "gqa": (8, 2, False, False, None, None),
+    "gqa_shared_kv_head": (4, 1, False, False, None, None),  # h/2 not a multiple of the repeat
+    "odd_heads": (5, 5, False, False, None, None),
+    "documents": (8, 2, True, False, None, None),
+    "padding": (8, 4, False, True, None, None),
+    "documents_padding_window": (8, 2, True, True, 6, None),
+    "softcap": (4, 2, True, False, None, 20.0),
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+WORLD = 4  # one spawn: ranks {0, 1} and {2, 3} are two P = 2 groups, all four one P = 4 group
+
+
+def _rank_main(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    reports = {p: _cases(p) for p in (2, 4)}
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(reports, f)
+    dist.destroy_process_group()
+
+
+def _cases(size: int) -> dict:
+    """Every case on this rank, as the ``size``-rank group holding it computes it."""
+    from longtune.distributed import sequence_groups
+
+    group, members = sequence_groups(size)
+    index = members.index(torch.distributed.get_rank())
+    report = {}
+    for name, (h, hkv, docs, pad, window, softcap) in CASES.items():
+        torch.manual_seed(0)
+        b = 2
+        q, k, v = torch.randn(b, h, N, D), torch.randn(b, hkv, N, D), torch.randn(b, hkv, N, D)
+        w = torch.randn(b, N, h, D)
+        positions = _positions(b) if docs else None
+        mask = _padding() if pad else None
+        kw = dict(scaling=None, sliding_window=window, softcap=softcap)
+
+        whole = [x.clone().requires_grad_() for x in (q, k, v)]
+        ref, _ = s2_attention(*whole, group_size=G, shift="split", position_ids=positions, attention_mask=mask, **kw)
+        (ref * w).sum().backward()
+
+        shard = SequenceShard(index, size, N, members=members, group=group, position_ids=positions,
+                              attention_mask=mask)
+        mine = [shard.local(x.clone(), dim=2).requires_grad_() for x in (q, k, v)]
+        got, _ = sequence_parallel_s2_attention(*mine, shard=shard, group_size=G, **kw)
+        sent_forward = shard.bytes_sent
+        (got * shard.local(w)).sum().backward()
+
+        errors = {"out": (got - shard.local(ref)).abs().max().item()}
+        for label, a, x in zip("qkv", mine, whole):
+            errors[f"d{label}"] = (a.grad - shard.local(x.grad, dim=2)).abs().max().item()
+        # S2 alone differs from full attention on these rows: the comparison can fail
+        errors["vs_plain_shard"] = (
+            got - s2_attention(*[shard.local(x, dim=2) for x in (q, k, v)], group_size=G,
+                               position_ids=shard.local(positions), attention_mask=shard.local(mask), **kw)[0]
+        ).abs().max().item()
+        report[name] = {"errors": errors, "bytes_sent": shard.bytes_sent, "bytes_forward": sent_forward,
+                        "heads": h, "kv_heads": hkv}
+    return report
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sp")
+    mp.spawn(_rank_main, args=(WORLD, _free_port(), str(out)), nprocs=WORLD, join=True)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+@pytest.fixture(params=[2, 4], ids=["P2", "P4"])
+def ranks(request, spawned):
+    """(P, every rank's report as its group computed it, in group order, all groups)."""
+    size = request.param
+    return size, [spawned[r][str(size)] for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_each_shard_equals_the_whole_sequence(ranks, case):
+    world, reports = ranks
+    for rank, report in enumerate(reports):
+        errors = report[case]["errors"]  # rank: the global rank (its index in its group: rank % P)
+        for name in ("out", "dq", "dk", "dv"):
+            assert errors[name] < 1e-5, f"P={world} rank {rank} {case}: {name} differs by {errors[name]:.3g}"
+
+
+def test_the_halo_changes_what_a_later_shard_computes(ranks):
+    """Without the halo a later shard's first shifted half group sees only its own tokens."""
+    world, reports = ranks
+    plain = [r["gqa"]["errors"]["vs_plain_shard"] for r in reports]
+    # a group's first shard needs no halo, but with one group per shard (P = 4) plain
+    # S2-Attn would not shift it at all
+    for rank, error in enumerate(plain):
+        if rank % world == 0 and world == 2:
+            assert error < 1e-6, plain
+        else:
+            assert error > 1e-3, plain
+
+
+def test_bytes_sent_are_the_half_group_halo(ranks):
+    """Forward: every rank but the last sends 2 x B x Hkv_shifted x G/2 x D fp32 values;
+    backward: every rank but the first sends as many back. Nothing else."""
+    world, reports = ranks
+    for rank, report in enumerate(reports):
+        rank %= world  # the place in its group
+        for case, r in report.items():
+            h, hkv = r["heads"], r["kv_heads"]
+            rep = h // hkv
+            shifted = hkv - (h // 2) // rep if (h // 2) % rep == 0 else h - h // 2
+            halo = 2 * 2 * shifted * (G // 2) * D * 4
+            assert r["bytes_forward"] == (halo if rank < world - 1 else 0), (case, rank)
+            assert r["bytes_sent"] == r["bytes_forward"] + (halo if rank > 0 else 0), (case, rank)
+
+
+def test_one_shard_is_plain_s2_attention():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, G, D), torch.randn(1, 2, G, D), torch.randn(1, 2, G, D)
+    shard = SequenceShard(0, 1, G)
+    got, _ = sequence_parallel_s2_attention(q, k, v, shard=shard, group_size=G)
+    ref, _ = s2_attention(q, k, v, group_size=G)
+    assert torch.equal(got, ref)
+    assert shard.bytes_sent == 0
+
+
+def test_refusals_name_the_setting():
+    q = torch.randn(1, 4, 24, D)
+    with pytest.raises(ValueError, match="divides each shard's 24 tokens"):
+        sequence_parallel_s2_attention(q, q, q, shard=SequenceShard(0, 2, 48, members=(0, 1)), group_size=16)
+    with pytest.raises(ValueError, match="holds 24 tokens, but attention got 16"):
+        sequence_parallel_s2_attention(q[:, :, :16], q[:, :, :16], q[:, :, :16],
+                                       shard=SequenceShard(0, 2, 48, members=(0, 1)), group_size=8)
+    with pytest.raises(ValueError, match="cannot be cut into 3 equal shards"):
+        SequenceShard(0, 3, 32, members=(0, 1, 2))

@@ -82,6 +82,51 @@ def fsdp_conflict(config: "Config") -> str | None:
     return None
 
 
+def sequence_parallel_conflict(config: "Config") -> str | None:
+    """Why scaling.sequence_parallel cannot run ``config``, in one line naming the setting and
+    the valid values; None when it can (or it is 1)."""
+    from longtune.attention.s2 import resolve_group_size
+
+    p = config.scaling.sequence_parallel
+    if p == 1:
+        return None
+    workers = config.scaling.num_workers
+    if workers % p:
+        divisors = [d for d in range(1, workers + 1) if workers % d == 0]
+        return (
+            f"scaling.sequence_parallel={p} must divide scaling.num_workers={workers} (workers = "
+            f"data-parallel degree x sequence_parallel): use one of {divisors}"
+        )
+    a = config.attention
+    if a.type != "s2":
+        return (
+            f"scaling.sequence_parallel={p} needs attention.type=s2: full attention has no group "
+            "structure to cut the sequence on (longtune has no ring attention); use attention.type=s2 "
+            "or scaling.sequence_parallel=1"
+        )
+    if a.shift != "split":
+        return (
+            f"scaling.sequence_parallel={p} needs attention.shift=split: roll wraps the last shard's "
+            "tokens onto the first's; use attention.shift=split or scaling.sequence_parallel=1"
+        )
+    n = config.context_length
+    g = resolve_group_size(n, a.group_size, a.group_size_ratio)
+    if n % g:
+        return (
+            f"scaling.sequence_parallel={p} needs whole S2 groups: the context length {n} is not a "
+            f"multiple of the group size {g}; set data.context_length or attention.group_size so it is"
+        )
+    groups = n // g
+    if groups % p:
+        valid = [d for d in range(1, groups + 1) if groups % d == 0]
+        return (
+            f"scaling.sequence_parallel={p} must divide the {groups} S2 groups of a sequence ({n} tokens / "
+            f"group size {g}), so that shards end on group boundaries: use one of {valid}, or a smaller "
+            "attention.group_size"
+        )
+    return None
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
@@ -525,6 +570,12 @@ class ScalingConfig(_Section):
         gt=0,
         description="Logical CPUs of a local Ray; enough for workers plus Ray Data when unset.",
     )
+    sequence_parallel: int = Field(
+        1,
+        gt=0,
+        description="Consecutive workers sharing each sequence (S2-Attn, split shift): each holds "
+        "context_length / P tokens; num_workers = data-parallel degree x P.",
+    )
 
 
 class Config(_Section):
@@ -569,6 +620,13 @@ class Config(_Section):
     @model_validator(mode="after")
     def _fsdp(self) -> "Config":
         conflict = fsdp_conflict(self)
+        if conflict:
+            raise ValueError(conflict)
+        return self
+
+    @model_validator(mode="after")
+    def _sequence_parallel(self) -> "Config":
+        conflict = sequence_parallel_conflict(self)
         if conflict:
             raise ValueError(conflict)
         return self

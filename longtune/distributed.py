@@ -52,11 +52,12 @@ def summed(values: Sequence[float], device: torch.device | str) -> torch.Tensor:
     return tensor
 
 
-def broadcast_(tensor: torch.Tensor, device: torch.device | str, src: int = 0) -> torch.Tensor:
-    """Overwrite ``tensor`` (in place, already on ``device``) with rank ``src``'s copy."""
+def broadcast_(tensor: torch.Tensor, device: torch.device | str, src: int = 0, group=None) -> torch.Tensor:
+    """Overwrite ``tensor`` (in place, already on ``device``) with rank ``src``'s copy (``src``
+    a global rank; ``group``: the ranks taking part, None = all)."""
     if is_distributed():
         _check_device(tensor, device)
-        dist.broadcast(tensor, src=src)
+        dist.broadcast(tensor, src=src, group=group)
     return tensor
 
 

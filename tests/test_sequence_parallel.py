@@ -179,3 +179,116 @@ def test_refusals_name_the_setting():
                                        shard=SequenceShard(0, 2, 48, members=(0, 1)), group_size=8)
     with pytest.raises(ValueError, match="cannot be cut into 3 equal shards"):
         SequenceShard(0, 3, 32, members=(0, 1, 2))
+
+
+# ---------------------------------------------------------------- the training step
+
+SEQ = 128  # S2 groups of 32 (ratio 0.25): 4 groups, 2 per shard at P = 2
+STEPS = 3
+
+
+def _blocks() -> list[dict[str, torch.Tensor]]:
+    """Two packed blocks, one per data-parallel group: a document crossing the cut (64) in
+    the first; padding from token 58 on, across the cut, in the second."""
+    g = torch.Generator().manual_seed(1)
+    first = {"input_ids": torch.randint(0, 300, (SEQ,), generator=g),
+             "position_ids": torch.cat([torch.arange(40), torch.arange(50), torch.arange(38)]),
+             "loss_mask": torch.ones(SEQ, dtype=torch.long)}
+    second = {"input_ids": torch.randint(0, 300, (SEQ,), generator=g), "position_ids": torch.arange(SEQ),
+              "loss_mask": (torch.arange(SEQ) < 58).long()}
+    return [first, second]
+
+
+def _train_config(model_dir: str, *extra: str):
+    from longtune.config import load_config
+
+    return load_config(None, [
+        f"model.name_or_path={model_dir}", f"model.target_context={SEQ}", "attention.type=s2",
+        "train.precision=fp32", "train.loss_chunk_tokens=24", "train.lr=1e-2", "train.warmup_steps=0",
+        "train.batch_size_per_worker=1", *extra,
+    ])
+
+
+def _steps(par, config, micro_batches, sequence=None) -> tuple[list[float], dict | None]:
+    """STEPS AdamW steps on the same micro-batches: the global loss of each, and the
+    trained weights after them (whole on rank 0)."""
+    from longtune.distributed import all_reduce_sum
+    from longtune.train.loop import build_optimizer, optimizer_step
+    from longtune.train.parallel import adapter_state_dict
+
+    params, optimizer, scheduler = build_optimizer(config, par.model)
+    par.model.train()
+    losses = []
+    for step in range(STEPS):
+        loss = optimizer_step(par.wrapped, micro_batches, params, optimizer, scheduler, config,
+                              torch.autocast("cpu", enabled=False), step=step + 1, sequence=sequence)
+        loss_sum, tokens = all_reduce_sum([loss.loss_sum, loss.tokens], "cpu")
+        losses.append(loss_sum / tokens)
+    return losses, adapter_state_dict(par)
+
+
+def _train_rank(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from longtune.precision import resolve_precision
+    from longtune.train.loop import build_parallel
+    from longtune.train.sequence import sequence_group
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    results = {}
+    for strategy in ("ddp", "fsdp"):
+        config = _train_config(model_dir, f"scaling.num_workers={world}", "scaling.sequence_parallel=2",
+                               f"train.strategy={strategy}")
+        torch.manual_seed(0)
+        par = build_parallel(config, model_dir, torch.device("cpu"), resolve_precision(config.model, config.train, "cpu"))
+        sequence = sequence_group(2, torch.device("cpu"))
+        # the group's leader holds its block; the data path shares it with the group
+        mine = _blocks()[rank // 2]
+        leader_batches = iter([{k: v[None] for k, v in mine.items()}] * STEPS) if sequence.is_leader else None
+        batches = sequence.shared(leader_batches, 1, SEQ)
+        micro = [next(batches)]
+        assert torch.equal(micro[0]["input_ids"][0], mine["input_ids"])  # every rank got its group's block
+        losses, state = _steps(par, config, micro, sequence)
+        results[strategy] = {"losses": losses, "state": state}
+    if rank == 0:
+        torch.save(results, out)
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def sharded_training(tmp_path_factory, tiny_model_dir):
+    out = tmp_path_factory.mktemp("sp_train") / "ranks.pt"
+    mp.spawn(_train_rank, args=(4, _free_port(), tiny_model_dir, str(out)), nprocs=4, join=True)
+    return torch.load(out, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_groups_of_two_ranks_train_as_one_process(sharded_training, tiny_model_dir, strategy):
+    """4 gloo ranks: 2 data-parallel groups x sequence_parallel 2 (each group one block, each
+    rank half its tokens; gradient checkpointing and the chunked loss on) train exactly as
+    one process on both blocks: the loss of every step and the trained weights after 3 AdamW
+    steps, with DDP and with FSDP2 over all 4 ranks."""
+    from longtune.precision import resolve_precision
+    from longtune.train.parallel import ParallelModel
+    from longtune.train.loop import build_loss, build_model
+
+    config = _train_config(tiny_model_dir, "train.batch_size_per_worker=2")
+    assert config.model.gradient_checkpointing
+    torch.manual_seed(0)
+    model = build_model(config, tiny_model_dir, torch.device("cpu"),
+                        resolve_precision(config.model, config.train, "cpu"))
+    loss = build_loss(config, model)
+    par = ParallelModel("ddp", model, loss, loss, torch.device("cpu"))
+    micro = [{k: torch.stack([b[k] for b in _blocks()]) for k in _blocks()[0]}]
+    losses, state = _steps(par, config, micro)
+
+    got = sharded_training[strategy]
+    for step, (a, b) in enumerate(zip(got["losses"], losses)):
+        assert a == pytest.approx(b, rel=1e-5), f"{strategy} step {step + 1}: {a} vs {b}"
+    assert losses[-1] < losses[0]  # it trained
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and trained <= got["state"].keys()  # (DDP's is the whole model's state)
+    for name in trained:
+        torch.testing.assert_close(got["state"][name], state[name], atol=1e-5, rtol=1e-4, msg=name)

@@ -1,7 +1,8 @@
 """S2-Attn for every transformers 5 model that calls attention through AttentionInterface.
 
 ``use_s2_attention(model)`` registers one attention function, ``longtune_s2``, and switches
-the model to it: in training mode it runs S2-Attn; in eval mode, or when keys outnumber
+the model to it: in training mode it runs S2-Attn (sequence-parallel inside
+``sequence_parallel.sharded_sequence``); in eval mode, or when keys outnumber
 queries (a KV cache), it runs full causal attention. ``use_full_attention(model)`` switches
 back to the implementation the model had. No monkey-patching: Llama, Mistral, Qwen2/3,
 Gemma 2/3, ... all reach it through ``config._attn_implementation``.
@@ -30,6 +31,7 @@ from longtune.attention.s2 import (
     resolve_group_size,
     s2_attention,
 )
+from longtune.attention.sequence_parallel import active_shard, sequence_parallel_s2_attention
 
 ATTN_IMPLEMENTATION = "longtune_s2"
 _SETTINGS_ATTR = "_longtune_s2"
@@ -70,6 +72,16 @@ def longtune_s2_attention(
         )
     position_ids = kwargs.get("position_ids")
     softcap = kwargs.get("softcap")
+    shard = active_shard()
+    if shard is not None and module.training and query.shape[2] == key.shape[2]:
+        if settings.shift != "split":
+            raise ValueError("sequence parallelism needs shift='split': roll wraps the last shard onto the first")
+        return sequence_parallel_s2_attention(
+            query, key, value, shard=shard,
+            group_size=resolve_group_size(shard.seq_len, settings.group_size, settings.group_size_ratio),
+            scaling=scaling, dropout=dropout, backend=settings.backend,
+            sliding_window=kwargs.get("sliding_window"), softcap=softcap,
+        )
     if module.training and query.shape[2] == key.shape[2]:
         return s2_attention(
             query, key, value,

@@ -31,7 +31,6 @@ Plain torch (``longtune.distributed`` for the point-to-point calls): no Ray, no 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from collections.abc import Iterator
 from typing import Any
 
@@ -110,22 +109,25 @@ class SequenceShard:
         return self._halo_meta[half]
 
 
-_ACTIVE: contextvars.ContextVar[SequenceShard | None] = contextvars.ContextVar("longtune_shard", default=None)
+# Process-wide, not a ContextVar or thread-local: the backward (where checkpointed layers
+# run their forward again, halo exchange included) runs on autograd's own threads on GPUs.
+_ACTIVE: list[SequenceShard | None] = [None]
 
 
 @contextlib.contextmanager
 def sharded_sequence(shard: SequenceShard | None) -> Iterator[SequenceShard | None]:
     """Within this block, training-mode S2-Attn (``interface.py``) runs sequence-parallel
-    on ``shard`` (None: as usual)."""
-    token = _ACTIVE.set(shard)
+    on ``shard`` (None: as usual). Hold it over the forward *and* the backward: gradient
+    checkpointing recomputes each layer's attention during the backward."""
+    previous, _ACTIVE[0] = _ACTIVE[0], shard
     try:
         yield shard
     finally:
-        _ACTIVE.reset(token)
+        _ACTIVE[0] = previous
 
 
 def active_shard() -> SequenceShard | None:
-    return _ACTIVE.get()
+    return _ACTIVE[0]
 
 
 class _Halo(torch.autograd.Function):

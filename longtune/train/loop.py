@@ -20,12 +20,14 @@ from typing import Any, Iterator
 import torch
 
 from longtune.adapters import training_hooks
+from longtune.attention.sequence_parallel import sharded_sequence
 from longtune.config import Config
 from longtune.distributed import all_reduce_sum, world_size
 from longtune.precision import Precision, resolve_precision, step_optimizer
 from longtune.train.checkpoint import TrainState, read_checkpoint, write_checkpoint
 from longtune.train.loss import LanguageModelLoss, block_inputs, target_count
 from longtune.train.parallel import ParallelModel, adapted_model, clip_grad_norm_
+from longtune.train.sequence import SequenceGroup, sequence_group
 from longtune.train.worker_config import WorkerConfig
 
 
@@ -63,8 +65,15 @@ def train_loop(worker: WorkerConfig) -> None:
                   f"batch {state.batches_in_epoch})")
 
     # ---------------------------------------------------------------- data
-    tokens_per_step = world * t.grad_accum_steps * t.batch_size_per_worker * config.context_length
-    batches = _batches(ray.train.get_dataset_shard("train"), t.batch_size_per_worker, state, device)
+    # sequence parallelism: the group's leader reads its data and shares it (train/sequence.py)
+    sequence = sequence_group(config.scaling.sequence_parallel, device)
+    p = config.scaling.sequence_parallel
+    tokens_per_step = world // p * t.grad_accum_steps * t.batch_size_per_worker * config.context_length
+    shard = ray.train.get_dataset_shard("train")  # every rank: a barrier of Ray Train's
+    batches = _batches(shard, t.batch_size_per_worker, state, device) \
+        if sequence is None or sequence.is_leader else None
+    if sequence is not None:
+        batches = sequence.shared(batches, t.batch_size_per_worker, config.context_length)
     # FSDP: every rank runs every forward (the weights are gathered from all of them)
     evaluates = worker.has_eval and (rank == 0 or par.sharded)
     eval_blocks = _EvalBlocks(config, device, rank if par.sharded else 0, world if par.sharded else 1) \
@@ -90,7 +99,8 @@ def train_loop(worker: WorkerConfig) -> None:
     while state.step < t.max_steps:
         micro_batches = [next(batches) for _ in range(t.grad_accum_steps)]
         window += optimizer_step(
-            wrapped, micro_batches, params, optimizer, scheduler, config, autocast, hooks, state.step + 1, scaler
+            wrapped, micro_batches, params, optimizer, scheduler, config, autocast, hooks, state.step + 1, scaler,
+            sequence,
         )
         state.step += 1
         state.tokens_seen += tokens_per_step
@@ -212,7 +222,7 @@ class StepLoss:
 
 def optimizer_step(model, micro_batches: list[dict[str, torch.Tensor]], params, optimizer, scheduler,
                    config: Config, autocast, hooks=None, step: int | None = None,
-                   scaler: torch.amp.GradScaler | None = None) -> StepLoss:
+                   scaler: torch.amp.GradScaler | None = None, sequence: SequenceGroup | None = None) -> StepLoss:
     """One optimizer step over ``micro_batches`` (train.grad_accum_steps batches of blocks,
     on the worker's device); returns this rank's language-model loss as sums (an adapter's
     extra loss, e.g. LoRA²'s orthogonality penalty, is trained on but not included).
@@ -236,10 +246,19 @@ def optimizer_step(model, micro_batches: list[dict[str, torch.Tensor]], params, 
     FSDP a shard, whose penalty gradient lands on the shard and is added to what the
     micro-batches reduce into it; with reshard_after_forward=false the layers' weights are
     gathered between a forward and its backward and the penalty could not reach the shards).
-    Its gradient is the one a share of it on each of the micro-batches would give."""
+    Its gradient is the one a share of it on each of the micro-batches would give.
+
+    ``sequence`` (scaling.sequence_parallel > 1, train/sequence.py): every rank of the group
+    got the same micro-batches; each trains on its shard of their tokens, the forward and
+    the backward inside ``sharded_sequence`` (checkpointed layers recompute attention, halo
+    exchange included, in the backward), and counts its shard's targets only."""
     loss_fn = _loss_module(model, config)
     inputs = [block_inputs(batch) for batch in micro_batches]
     device = inputs[0][0].device
+    shards = [None] * len(inputs)
+    if sequence is not None:
+        cut = [sequence.shard(*x) for x in inputs]
+        inputs, shards = [x[:3] for x in cut], [x[3] for x in cut]
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)  # passes everything through
     local_tokens = sum(target_count(labels) for _, _, labels in inputs)
     (global_tokens,) = all_reduce_sum([local_tokens], device)
@@ -252,7 +271,7 @@ def optimizer_step(model, micro_batches: list[dict[str, torch.Tensor]], params, 
     for i, (ids, positions, labels) in enumerate(inputs):
         last = i == len(inputs) - 1
         sync = contextlib.nullcontext() if last or not hasattr(loss_fn, "no_sync") else loss_fn.no_sync()
-        with sync:
+        with sync, sharded_sequence(shards[i]):
             with autocast:
                 loss_sum = loss_fn(ids, positions, labels)
             scaler.scale(loss_sum * scale).backward()

@@ -69,10 +69,12 @@ def target_count(labels: torch.Tensor) -> int:
 def token_loss_sum(model, ids: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of next-token cross-entropies over the targets of ``labels`` (fp32 scalar), from
     the logits of the whole block at once (the stock path): the model's own ``loss`` is a
-    mean, and PEFT's AdaLoRA adds its orthogonality penalty to it."""
+    mean, and PEFT's AdaLoRA adds its orthogonality penalty to it. ``labels`` may run one
+    token past ``ids`` (a shard of a sequence: its last token's target is the next shard's
+    first, ``longtune/train/sequence.py``)."""
     logits = model(input_ids=ids, position_ids=positions).logits  # [B, N, V]
     return F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+        logits[:, : labels.shape[1] - 1].float().reshape(-1, logits.shape[-1]),
         labels[:, 1:].reshape(-1),
         ignore_index=IGNORE,
         reduction="sum",
@@ -111,7 +113,8 @@ class LanguageModelLoss(nn.Module):
         if self._head is None:
             return token_loss_sum(self.model, input_ids, position_ids, labels)
         hidden = self._head.final_hidden(self.model, input_ids, position_ids)  # [B, N, H]
-        return chunked_loss_sum(hidden[:, :-1], labels[:, 1:], self._head.logits, self.chunk_tokens)
+        # labels: [B, N], or [B, N + 1] for a shard of a sequence (see token_loss_sum)
+        return chunked_loss_sum(hidden[:, : labels.shape[1] - 1], labels[:, 1:], self._head.logits, self.chunk_tokens)
 
 
 def chunked_loss_sum(

@@ -115,23 +115,15 @@ def build_trainer(
             callbacks=callbacks,
         ),
         datasets=datasets,
-        dataset_config=ingest_config(),
+        dataset_config=ingest_config(s.sequence_parallel),
     )
 
 
-def ingest_config():
-    """How Ray Train hands the datasets to the workers: "train" split between them, in the
-    same order on every run; "eval" whole to each (rank 0 reads it).
+def ingest_config(sequence_parallel: int = 1):
+    """How Ray Train hands the datasets to the workers (longtune/train/ingest.py)."""
+    from longtune.train.ingest import ingest_config as build
 
-    Ray Train replaces a dataset's own execution options with these, and without
-    preserve_order its split hands each bundle of blocks to whichever worker needs one as
-    the bundles arrive: a resumed run, skipping the batches its checkpoint counts, would
-    skip other blocks than the ones it had trained on."""
-    from ray.train import DataConfig
-
-    options = DataConfig.default_ingest_options()
-    options.preserve_order = True
-    return DataConfig(datasets_to_split=["train"], execution_options=options)
+    return build(sequence_parallel)
 
 
 def fit(trainer, run_name: str, tracker=None):

@@ -466,6 +466,9 @@ class Plan:
     host_offload_bytes: int = 0  # host memory per worker: train.fsdp.cpu_offload's shards
     strategy: str = "ddp"
     workers_per_node: int = 1
+    sequence_parallel: int = 1  # P ranks share each sequence (scaling.sequence_parallel)
+    halo_pass_bytes: int = 0  # one halo, one direction, one pass (halo_bytes)
+    halo_bytes_per_layer: int = 0  # what an interior rank sends per layer per micro-batch
 
     @property
     def host_per_node_bytes(self) -> int:
@@ -493,7 +496,11 @@ class Plan:
             "attention_flops_s2_vs_full": round(self.flops["s2_vs_full"], 4),
             "params": self.params, "host_pinned_gib": gib(self.host_bytes), "assumptions": self.assumptions,
             "strategy": self.strategy,
+            "sequence_parallel": self.sequence_parallel,
         }
+        if self.sequence_parallel > 1:
+            out.update(tokens_per_rank=self.context // self.sequence_parallel,
+                       halo_bytes_per_layer=self.halo_bytes_per_layer, halo_pass_bytes=self.halo_pass_bytes)
         if self.strategy == "fsdp":
             out.update(host_fsdp_offload_gib=gib(self.host_offload_bytes),
                        host_per_node_gib=gib(self.host_per_node_bytes), workers_per_node=self.workers_per_node)
@@ -509,7 +516,7 @@ def plan_run(config: Config, gpu: str | GPU | None = None, *, device: str = "cud
     """The plan of ``config``'s training run on one worker. ``gpu``: a name of ``GPUS`` (the
     CLI's --gpu), for the fit and the step time; ``device="cpu"`` plans the CPU code path
     instead (what the tests measure). Raises ConfigError for what plan does not model."""
-    refusal = fsdp_refusal(config)
+    refusal = fsdp_refusal(config) or sequence_parallel_refusal(config)
     if refusal:
         raise ConfigError(refusal)
     if device not in ("cuda", "cpu"):
@@ -546,9 +553,21 @@ def plan_run(config: Config, gpu: str | GPU | None = None, *, device: str = "cud
     notes = [*notes, f"per worker: {config.train.batch_size_per_worker} block(s) of {n} tokens per micro-batch, "
              f"{config.train.grad_accum_steps} micro-batch(es) per step, {config.scaling.num_workers} worker(s)"]
     params = {"base": shape.params(), "trained": trained.total, "adapter": trained.lora, "saved_modules": trained.saved}
+    sp = config.scaling.sequence_parallel
+    halo_pass = halo_per_layer = 0
+    if sp > 1:
+        g = _group_size(config, n)
+        halo_pass = halo_bytes(shape, g, config.train.batch_size_per_worker, lay.c)
+        # forward (and the recompute's forward) to the next rank, the gradient back to the previous
+        halo_per_layer = halo_pass * (3 if config.model.gradient_checkpointing else 2)
+        notes.append(f"scaling.sequence_parallel={sp}: each rank holds {n // sp} of the {n} tokens of a block "
+                     f"(groups of {g}); a rank sends its neighbour {halo_per_layer / MiB:.1f} MiB per layer per "
+                     f"micro-batch ({halo_pass / MiB:.1f} MiB per halo: forward"
+                     + (", recompute" if config.model.gradient_checkpointing else "") + " and its gradient back); "
+                     "the step time leaves that communication out")
     return Plan(shape.source, spec, device, n, config.train.batch_size_per_worker, backend, lay.describe, phases,
                 peak_phase, peak, max_ctx, flops, seconds, params, notes, host, offloaded,
-                config.train.strategy, min(config.scaling.num_workers, GPUS_PER_NODE))
+                config.train.strategy, min(config.scaling.num_workers, GPUS_PER_NODE), sp, halo_pass, halo_per_layer)
 
 
 def _peak_bytes(config: Config, gpu: GPU | None, device: str = "cuda", bf16_native: bool | None = None) -> int:
@@ -556,14 +575,19 @@ def _peak_bytes(config: Config, gpu: GPU | None, device: str = "cuda", bf16_nati
 
 
 def max_context(config: Config, gpu: GPU, *, device: str = "cuda", bf16_native: bool | None = None) -> int:
-    """The longest model.target_context (in multiples of 1024 tokens, blocks of that length)
-    whose plan fits ``gpu`` with every other setting as configured; 0 when none does."""
+    """The longest model.target_context (in multiples of 1024 tokens, blocks of that length;
+    under sequence parallelism multiples of ``context_step``, so that every rank holds whole
+    S2 groups) whose plan fits ``gpu`` with every other setting as configured; 0 when none
+    does. Raises ConfigError when sequence parallelism admits no context to search."""
+    refusal = sequence_parallel_refusal(config)
+    if refusal:
+        raise ConfigError(refusal)
 
     def fits(n: int) -> bool:
         trial = with_overrides(config, {"model.target_context": n, "data.context_length": None})
         return _peak_bytes(trial, gpu, device, bf16_native) <= gpu.budget_bytes
 
-    step = 1024
+    step = context_step(config)
     if not fits(step):
         return 0
     low, high = 1, 2
@@ -591,7 +615,11 @@ def _phases(config: Config, s: ModelShape, tr: Trainables, lay: Layout, backend:
     """The live tensor bytes of each phase of one optimizer step (see the module docstring)."""
     t_cfg = config.train
     b = t_cfg.batch_size_per_worker
-    tok = b * n  # tokens of a micro-batch
+    sp = config.scaling.sequence_parallel
+    seq = n  # the whole block: every rank of a sequence-parallel group holds its ids
+    g_whole = _group_size(config, seq)
+    n = seq // sp  # this rank's tokens (scaling.sequence_parallel shards each block)
+    tok = b * n  # tokens of a micro-batch on this rank
     fs = sharding(config, s, tr, lay, device) if t_cfg.strategy == "fsdp" else None
     stored_w = lay.w
     # FSDP's mixed precision gathers every weight in the compute dtype, trained ones too:
@@ -660,7 +688,8 @@ def _phases(config: Config, s: ModelShape, tr: Trainables, lay: Layout, backend:
     if s.qk_norm:
         qkv += norm_saved(qd, trained_norms, False, c) + norm_saved(kvd, trained_norms, False, c)
     attn_saved, attn_bwd, attn_fixed, attn_step, attn_note = _attention(
-        config, s, lay, backend, b, n, out_kept=reads_as_is(("o_proj",)))
+        config, s, lay, backend, b, n, out_kept=reads_as_is(("o_proj",)), group=g_whole, sharded=sp > 1)
+    halo = _halo_terms(s, lay, b, n, g_whole) if sp > 1 else None
     if attn_note:
         notes.append(attn_note)
     o_lin = linear_saved("o_proj")
@@ -696,7 +725,8 @@ def _phases(config: Config, s: ModelShape, tr: Trainables, lay: Layout, backend:
 
     # ------------------------------------------------------------ shared activations
     ckpt_tensor = a * h * tok
-    shared = {"inputs_and_rope": tok * (8 * 4) + 2 * a * b * n * s.head_dim}
+    # ids, positions, labels, loss mask (int64) of the whole block; RoPE's cos/sin of this rank's tokens
+    shared = {"inputs_and_rope": b * seq * (8 * 4) + 2 * a * b * n * s.head_dim}
     if offload:
         # the layer inputs wait in pinned host memory; the GPU holds the one in use
         ckpt_live, ckpt_fwd = 2 * ckpt_tensor, 2 * ckpt_tensor
@@ -716,6 +746,9 @@ def _phases(config: Config, s: ModelShape, tr: Trainables, lay: Layout, backend:
         phases[name] = {**static, **{k: v for k, v in terms.items()}}
 
     grads_in_backward = all_grads if accumulating else small_grads
+    # sequence parallelism's halo (``_halo_terms``): the straddling group's tensors, kept from
+    # a layer's recompute to its attention's backward; the forward's and backward's transients
+    halo_saved = halo["saved"] if halo else 0
     if gc:
         phase(
             "forward",
@@ -724,6 +757,7 @@ def _phases(config: Config, s: ModelShape, tr: Trainables, lay: Layout, backend:
             layer_recompute=tok * (a * h + 3 * c * i),
             attention=attn_step,
             autocast_weight_copies=weight_copies,
+            sequence_parallel_halo=halo["forward"] if halo else 0,
         )
         phase(
             "loss_forward",
@@ -741,6 +775,7 @@ def _phases(config: Config, s: ModelShape, tr: Trainables, lay: Layout, backend:
         )
         phase(
             "last_layer_backward (mlp)",
+            sequence_parallel_halo=halo_saved,
             gradients=grads_in_backward + (0 if accumulating else head_grad),
             checkpointed_activations=ckpt_live + shared["inputs_and_rope"],
             layer_recompute=tok * (layer_saved + mlp_bwd),
@@ -751,6 +786,7 @@ def _phases(config: Config, s: ModelShape, tr: Trainables, lay: Layout, backend:
         # five [T, H] fp32 temporaries (pow's, mean's, the products'), the MLP freed by then
         phase(
             "last_layer_backward (norm)",
+            sequence_parallel_halo=halo_saved,
             gradients=grads_in_backward + (0 if accumulating else head_grad),
             checkpointed_activations=ckpt_live + shared["inputs_and_rope"],
             layer_recompute=tok * (pre_attention + 4 * h + 5 * 4 * h + (a * h if a != 4 else 0)),
@@ -759,6 +795,7 @@ def _phases(config: Config, s: ModelShape, tr: Trainables, lay: Layout, backend:
         )
         phase(
             "last_layer_recompute (mlp)",
+            sequence_parallel_halo=halo_saved,
             gradients=grads_in_backward + (0 if accumulating else head_grad),
             checkpointed_activations=ckpt_live + shared["inputs_and_rope"],
             # with the gradient arriving from the layers above (and, in a narrower dtype, the
@@ -767,6 +804,18 @@ def _phases(config: Config, s: ModelShape, tr: Trainables, lay: Layout, backend:
             attention=tok * attn_saved + attn_fixed,
             autocast_weight_copies=weight_copies_mlp + (c * i * h if lay.autocast and w != c else 0),
         )
+        if halo:
+            # the output's gradient cut by the shard's two cats: o_proj's input gradient and
+            # the zero-padded gradients of both slices of the local output, before the kernels'
+            phase(
+                "last_layer_backward (halo)",
+                gradients=grads_in_backward + (0 if accumulating else head_grad),
+                checkpointed_activations=ckpt_live + shared["inputs_and_rope"],
+                layer_recompute=tok * (pre_attention + a * h + c * qd + lora_bwd),
+                attention=tok * attn_saved + attn_fixed,
+                autocast_weight_copies=weight_copies_attn,
+                sequence_parallel_halo=halo_saved + halo["cat_backward"],
+            )
         phase(
             "last_layer_backward (attention)",
             gradients=grads_in_backward + (0 if accumulating else head_grad),
@@ -774,9 +823,10 @@ def _phases(config: Config, s: ModelShape, tr: Trainables, lay: Layout, backend:
             layer_recompute=tok * (pre_attention + a * h + c * qd + lora_bwd),
             attention=tok * (attn_saved + attn_bwd) + attn_fixed,
             autocast_weight_copies=weight_copies_attn,
+            sequence_parallel_halo=halo["backward"] if halo else 0,
         )
     else:
-        per_layer = tok * (layer_saved + attn_saved)
+        per_layer = tok * (layer_saved + attn_saved) + halo_saved
         phase(
             "loss_backward",
             gradients=all_grads if accumulating else 0,
@@ -809,7 +859,7 @@ def _phases(config: Config, s: ModelShape, tr: Trainables, lay: Layout, backend:
 
 
 ACTIVATION_TERMS = ("checkpointed_activations", "layer_recompute", "lm_head_loss", "attention",
-                    "autocast_weight_copies")
+                    "autocast_weight_copies", "sequence_parallel_halo")
 
 
 def _fsdp_phases(ddp: dict[str, dict[str, int]], fs: Sharding, s: ModelShape, tr: Trainables, w: int,
@@ -1004,9 +1054,13 @@ def _head_terms(config: Config, s: ModelShape, tr: Trainables, lay: Layout, b: i
     }
 
 
-def _attention(config: Config, s: ModelShape, lay: Layout, backend: str, b: int, n: int, out_kept: bool):
+def _attention(config: Config, s: ModelShape, lay: Layout, backend: str, b: int, n: int, out_kept: bool,
+               *, group: int | None = None, sharded: bool = False):
     """Attention's bytes: (saved per token, backward extra per token, fixed bytes for the
-    whole step (masks), forward transient bytes, a note)."""
+    whole step (masks), forward transient bytes, a note). ``n``: the tokens of a row this
+    rank attends over; ``group``: S2's group size (the whole sequence's under sequence
+    parallelism, else that of ``n``); ``sharded``: a shard of a longer sequence, whose
+    shifted heads are split even when it is one group (``always_shift``)."""
     a, c = lay.a, lay.c
     e = max(a, c)  # RoPE's output: q (compute dtype) times cos (activation dtype)
     qd, kvd, heads = s.q_dim, s.kv_dim, s.heads
@@ -1015,8 +1069,9 @@ def _attention(config: Config, s: ModelShape, lay: Layout, backend: str, b: int,
     tok = b * n
     note = None
     fixed = 0
+    g_all = group if group is not None else _group_size(config, n)
     if backend == "cpu-sdpa":
-        g = _group_size(config, n)
+        g = g_all
         pad = (-n % g) if n > g else 0
         grow = (n + pad) / n
         q = c * qd  # cast to the compute dtype when RoPE left it wider, else q itself
@@ -1029,7 +1084,7 @@ def _attention(config: Config, s: ModelShape, lay: Layout, backend: str, b: int,
         transient = tok * (e * (qd + kvd) + c * kvd)
         return saved, bwd, fixed, transient, note
     if backend in ("flash", "varlen"):
-        split_rep = not (n <= _group_size(config, n)) and (heads // 2) % rep
+        split_rep = (sharded or n > g_all) and (heads // 2) % rep
         kv = qd if split_rep else kvd
         # the kernel keeps its gathered q/k/v and its output (per half of the heads); the
         # [T, H, D] buffer it is scattered into is kept only by an fp32 adapter on o_proj
@@ -1038,7 +1093,7 @@ def _attention(config: Config, s: ModelShape, lay: Layout, backend: str, b: int,
         transient = tok * (e * (qd + kvd) + c * kvd + (c * (qd + kvd) if e != c else 0))
         return saved, bwd, fixed, transient, note
     if backend == "cuda-sdpa":
-        g = _group_size(config, n)
+        g = g_all
         kq = c * qd
         saved = 3 * kq + kq + (kq if out_kept else 0) + 4 * heads  # q, k, v repeated, the spans' outputs, out
         bwd = 6 * kq  # plain autograd: each piece's slice backward allocates its input's size
@@ -1069,24 +1124,193 @@ def _attention(config: Config, s: ModelShape, lay: Layout, backend: str, b: int,
     return saved, bwd, fixed, transient, note
 
 
+# ---------------------------------------------------------------- sequence parallelism
+
+
+def shifted_kv_heads(s: ModelShape) -> int:
+    """The kv heads a rank sends its neighbour under sequence parallelism: those the shifted
+    half of the query heads (heads H/2 .. H-1) read, or, when a kv head is shared by both
+    halves, the shifted query heads' repeated copies (``sequence_parallel.py``)."""
+    hu, rep = s.heads // 2, s.heads // s.kv_heads
+    return s.kv_heads - hu // rep if hu % rep == 0 else s.heads - hu
+
+
+def halo_bytes(s: ModelShape, group_size: int, batch: int = 1, dtype_bytes: int = 2) -> int:
+    """Bytes of one halo: the last G/2 keys and values of the shifted kv heads, one pass,
+    one direction (``[2, B, Hkv_shifted, G/2, D]`` in the compute dtype). A rank sends one
+    to the next rank in each forward (and in each recompute) and one gradient of the same
+    size back to the previous rank in the backward."""
+    return 2 * batch * shifted_kv_heads(s) * (group_size // 2) * s.head_dim * dtype_bytes
+
+
+def _halo_terms(s: ModelShape, lay: Layout, b: int, n: int, g: int) -> dict[str, int]:
+    """Bytes sequence-parallel S2-Attn adds to one layer of a rank holding ``n`` tokens of a
+    row whose group size is ``g`` (``sequence_parallel_s2_attention``, a rank after the
+    first: it receives a halo and recomputes the straddling group).
+
+    - ``saved``: what the straddling group's attention keeps from a layer's (re)computed
+      forward to its backward: q_ext [B, H-H/2, G, D] (half of it zeros), k_ext and v_ext
+      [B, Hkv_s, G, D], SDPA's repeated kv heads (GQA), its output [B, G, H-H/2, D] and
+      log-sum-exp (fp32);
+    - ``forward``: at the shard's last cat, besides what the unsharded layer holds: the
+      output's copy [B, L, H, D], the first G/2 rows' cat, the straddling group's tensors,
+      the tail sent and the halo received ([2, B, Hkv_s, G/2, D] each), casts of RoPE's
+      wider q/k to the compute dtype, and a shared kv head's repeated keys and values
+      [B, H - H/2, L, D] x 2;
+    - ``cat_backward``: the output's gradient cut by the two cats: each slice's backward
+      zero-pads its piece to the whole [B, L, H, D] (two of them live while o_proj's input
+      gradient is), and the straddling output's gradient;
+    - ``backward``: at the shard's own kernel backward, the keys' and values' gradients
+      [B, Hkv, L, D] already accumulated from the halo path (the tail's and the straddling
+      group's slices), in RoPE's output dtype.
+
+    The G-sized terms are small next to a shard's unless L is a few groups; the L-sized
+    ones (one output copy forward, two output gradients, the kv gradients backward) are
+    the cost of the cats and slices the exchange is built from."""
+    c, e = lay.c, max(lay.a, lay.c)
+    heads, d = s.heads, s.head_dim
+    hq = heads - heads // 2  # the shifted query heads
+    rep = heads // s.kv_heads
+    whole = (heads // 2) % rep == 0
+    hkv_s = shifted_kv_heads(s)
+    half = g // 2
+    tail = halo_bytes(s, g, b, c)
+    qd, kvd = s.q_dim, s.kv_dim
+    strad_out = b * g * hq * d * c
+    saved = (b * hq * g * d * c + 2 * b * hkv_s * g * d * c + (2 * b * hq * g * d * c if whole and rep > 1 else 0)
+             + strad_out + 4 * b * hq * g)
+    casts = (tail + b * hq * half * d * c + 2 * b * hkv_s * half * d * c) if e != c else 0
+    repeated = 0 if whole else 2 * e * b * n * hq * d
+    forward = c * b * n * qd + b * half * heads * d * c + saved + 2 * tail + casts + repeated
+    return {
+        "tail": tail,
+        "saved": saved,
+        "forward": forward,
+        "cat_backward": 2 * c * b * n * qd + strad_out,
+        "backward": 2 * e * b * n * kvd,
+    }
+
+
+COMMUNICATION_SCHEMES = ("halo_s2", "ring", "ulysses")
+
+
+def communication_per_layer(s: ModelShape, n: int, gpus: int, scheme: str, *, batch: int = 1,
+                            group_size: int = 8192, dtype_bytes: int = 2, grad_bytes: int | None = None,
+                            recompute: bool = False) -> int:
+    """Bytes one GPU sends for one decoder layer's attention in one forward and backward,
+    when ``gpus`` GPUs (P) share each sequence of ``n`` tokens (N), ``batch`` rows (B) per
+    micro-batch. Keys/values have the model's Hkv (GQA) heads, queries H, head_dim D, every
+    tensor in ``dtype_bytes`` (bf16: 2) and gradients in ``grad_bytes`` (default the same).
+    A GPU receives as much as it sends (interior ranks of the halo; every rank otherwise).
+    ``recompute``: gradient checkpointing runs each layer's forward twice, and each scheme
+    repeats its forward communication in the recompute.
+
+    - ``halo_s2`` (longtune, S2-Attn split shift, shards on group boundaries): the forward
+      sends the next rank the last G/2 keys and values of the shifted kv heads
+      Hkv_s (= Hkv/2 when a kv head serves one half of the query heads):
+      ``2 * B * Hkv_s * G/2 * D`` elements; the backward sends as many gradients back.
+      Per GPU: ``2 * B * Hkv_s * G * D * bytes`` = ``B * Hkv * G * D * 2 bytes`` forward and
+      backward in bf16 with Hkv_s = Hkv/2: independent of N and of P.
+    - ``ring`` (ring attention / context parallel, full causal attention; zigzag or striped
+      layouts move the same bytes): each GPU holds N/P tokens; the forward passes every
+      K/V block around the ring in P-1 steps: ``(P-1) * 2 * B * N/P * Hkv * D`` elements;
+      the backward passes the K/V blocks around again and the dK/dV accumulators with them:
+      twice the forward (in ``grad_bytes`` for dK/dV). Per GPU, bf16:
+      ``3 * (P-1)/P * 2 * B * N * Hkv * D * 2`` bytes: ~linear in N, ~flat in P.
+    - ``ulysses`` (DeepSpeed-Ulysses / ALST all-to-all): the forward all-to-alls q, k, v from
+      sequence shards to head shards and the output back, each GPU sending (P-1)/P of
+      its B * N/P tokens' q (H heads), k, v (Hkv each) and output (H); the backward the same
+      for dO, dQ, dK, dV. Per GPU: ``2 * (P-1)/P * B * N/P * (2H + 2Hkv) * D * 2`` bytes.
+      It needs P to divide H; with P > Hkv the kv heads are replicated to P (counted so).
+
+    Only the attention's exchange is counted: not the gradient all-reduce or FSDP's
+    gathers, which every scheme shares."""
+    if scheme not in COMMUNICATION_SCHEMES:
+        raise ValueError(f"scheme must be one of {', '.join(COMMUNICATION_SCHEMES)}, got {scheme!r}")
+    if gpus < 1:
+        raise ValueError(f"gpus must be >= 1, got {gpus}")
+    grad = dtype_bytes if grad_bytes is None else grad_bytes
+    forward_passes = 2 if recompute else 1
+    if gpus == 1:
+        return 0
+    d, hkv, heads = s.head_dim, s.kv_heads, s.heads
+    if scheme == "halo_s2":
+        elements = 2 * batch * shifted_kv_heads(s) * (group_size // 2) * d  # one halo, one direction
+        return elements * (dtype_bytes * forward_passes + grad)
+    local = batch * n / gpus  # tokens per GPU
+    if scheme == "ring":
+        kv = (gpus - 1) * 2 * local * hkv * d  # elements of K and V passed in one ring
+        return int(kv * (dtype_bytes * forward_passes + dtype_bytes + grad))
+    if heads % gpus:
+        raise ValueError(f"ulysses shards the {heads} attention heads over the GPUs: {gpus} GPUs do not divide them")
+    kv_heads = max(hkv, gpus)
+    share = (gpus - 1) / gpus * local * d
+    forward = share * (2 * heads + 2 * kv_heads)  # q, k, v in, the output back
+    return int(forward * dtype_bytes * forward_passes + forward * grad)
+
+
+def sequence_parallel_refusal(config: Config) -> str | None:
+    """Why plan cannot search contexts for this sequence-parallel run (one line naming the
+    setting and the valid values), or None. The group count of a row is N / G: with
+    ``attention.group_size_ratio`` = 1/k it is k at every context, so P must divide k; a
+    fixed ``attention.group_size`` G admits every P (contexts that are multiples of P x G)."""
+    p = config.scaling.sequence_parallel
+    a = config.attention
+    if p == 1 or a.group_size is not None:
+        return None
+    k = round(1 / a.group_size_ratio)
+    if abs(k * a.group_size_ratio - 1) > 1e-9:
+        return (f"scaling.sequence_parallel={p} with attention.group_size_ratio={a.group_size_ratio}: plan "
+                "searches contexts only where the number of S2 groups is fixed (ratio 1/k) or the group "
+                "size is (attention.group_size); set one of those")
+    if k % p:
+        valid = [d for d in range(1, k + 1) if k % d == 0]
+        return (f"scaling.sequence_parallel={p} can never divide the {k} S2 groups of a row that "
+                f"attention.group_size_ratio={a.group_size_ratio} makes at every context: use one of {valid}, "
+                "or a fixed attention.group_size")
+    return None
+
+
+def context_step(config: Config) -> int:
+    """The contexts ``max_context`` tries are multiples of this: 1024 tokens, and under
+    sequence parallelism whole groups on every rank (N a multiple of P x G for a fixed G;
+    G = N/k even for a ratio of 1/k)."""
+    p = config.scaling.sequence_parallel
+    if p == 1:
+        return 1024
+    if config.attention.group_size is not None:
+        return p * config.attention.group_size
+    k = round(1 / config.attention.group_size_ratio)
+    return math.lcm(1024, 2 * k)
+
+
 # ---------------------------------------------------------------- FLOPs
 
 
 def step_flops(config: Config, s: ModelShape, tr: Trainables, n: int) -> dict[str, float]:
     """FLOPs of one optimizer step on one worker, and attention's share; matmuls only.
     Frozen weights: forward, recompute (with gradient checkpointing) and the input gradient;
-    attention: forward, recompute and a backward of twice the forward."""
+    attention: forward, recompute and a backward of twice the forward. Under
+    ``scaling.sequence_parallel`` P, one rank's: its N/P tokens through every layer and the
+    head, S2 over groups of the whole sequence's G, and (ranks after the first) the
+    straddling group's G x G causal attention for the shifted heads."""
     t = config.train
     b = t.batch_size_per_worker
+    sp = config.scaling.sequence_parallel
+    g_whole = _group_size(config, n)
+    n //= sp  # this rank's tokens under sequence parallelism
     tok = b * n
     gc = config.model.gradient_checkpointing
     passes = 3 if gc else 2  # forward (+ recompute) + input gradient of frozen weights
     linear = 2 * tok * s.layer_linear_params() * s.layers * passes
     adapter = 2 * tok * tr.lora * 4  # adapter factors: forward, recompute, input and weight gradients
-    full_fwd = 2 * b * n * n * s.q_dim * s.layers  # causal: QK^T and PV over half the square
+    # causal: QK^T and PV over half the square (under sequence parallelism this rank's 1/P of it)
+    full_fwd = 2 * b * n * (n * sp) * s.q_dim * s.layers
     if config.attention.type == "s2":
-        g = min(_group_size(config, n), n)
+        g = min(g_whole, n)
         attn_fwd = 2 * b * n * g * s.q_dim * s.layers
+        if sp > 1:  # a rank after the first recomputes its straddling group: G queries over G keys
+            attn_fwd += 2 * b * g * g * (s.heads - s.heads // 2) * s.head_dim * s.layers
     else:
         attn_fwd = full_fwd
     attn_mult = (4 if gc else 3)
@@ -1113,7 +1337,9 @@ def format_plan(plan: Plan) -> str:
         f"model      {plan.model}   ({plan.params['base'] / 1e9:.2f}B parameters, "
         f"{plan.params['trained'] / 1e6:.1f}M trained)",
         f"run        {plan.context} tokens x {plan.batch} per micro-batch, attention {plan.backend}, "
-        f"weights {plan.layout['weights']}, autocast {plan.layout['autocast']}, {plan.strategy}",
+        f"weights {plan.layout['weights']}, autocast {plan.layout['autocast']}, {plan.strategy}"
+        + (f", sequence parallel over {plan.sequence_parallel} ranks ({plan.context // plan.sequence_parallel} "
+           "tokens each)" if plan.sequence_parallel > 1 else ""),
     ]
     if plan.gpu is not None:
         verdict = "fits" if plan.fits else "does NOT fit"

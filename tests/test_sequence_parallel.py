@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -292,3 +293,66 @@ def test_two_groups_of_two_ranks_train_as_one_process(sharded_training, tiny_mod
     assert trained and trained <= got["state"].keys()  # (DDP's is the whole model's state)
     for name in trained:
         torch.testing.assert_close(got["state"][name], state[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+# ---------------------------------------------------------------- through finetune, on Ray
+
+
+@pytest.mark.slow
+def test_finetune_with_two_workers_sharing_each_sequence(ray_local, tmp_path, tiny_model_dir, run_config):
+    """`longtune finetune scaling.num_workers=2 scaling.sequence_parallel=2` on Ray (gloo):
+    the loss of each of the first 5 steps equals one worker's on the same blocks within 1e-5
+    relative, with a worker killed after step 4 (Ray Train restarts both from the step-2
+    checkpoint); rank 1 trains on the blocks rank 0 reads; the adapter equals the one
+    worker's and loads with plain PEFT."""
+    from mlflow import MlflowClient
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from longtune.finetune import finetune
+    from longtune.models import load_model
+    from longtune.train.probes import KillOnce, RecordBlocks, read_records
+
+    def run(name, *extra, probes=()):
+        config = run_config("train.max_steps=5", f"train.run_name={name}", "train.precision=fp32",
+                            "train.log_every=1", "train.checkpoint_every=2", *extra)
+        return config, finetune(config, probes=probes)
+
+    _, single = run("single", "scaling.num_workers=1", probes=(RecordBlocks(str(tmp_path / "single_blocks")),))
+    marker = tmp_path / "killed"
+    config, sharded = run("sharded", "scaling.num_workers=2", "scaling.sequence_parallel=2", "train.max_failures=1",
+                          probes=(KillOnce(step=4, rank=1, marker=str(marker)),
+                                  RecordBlocks(str(tmp_path / "blocks"))))
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    def losses(run_id):
+        history = sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.timestamp)
+        return {m.step: m.value for m in history}  # the last value of a step wins (after the restart)
+
+    a, b = losses(single.mlflow_run_id), losses(sharded.mlflow_run_id)
+    assert sorted(b) == [1, 2, 3, 4, 5]
+    for step in range(1, 6):
+        assert b[step] == pytest.approx(a[step], rel=1e-5), step
+    assert a[5] != a[1]
+    assert marker.read_text() == "4"
+    assert [int(m.value) for m in client.get_metric_history(sharded.mlflow_run_id, "resumed_from_step")] == [2]
+    records = read_records(tmp_path / "blocks")
+    assert records[0] and records[0] == records[1]  # both ranks of the group trained on the same blocks
+    assert records[0] == read_records(tmp_path / "single_blocks")[0]  # the blocks one worker trains on
+    assert sharded.metrics["eval_loss"] == pytest.approx(single.metrics["eval_loss"], rel=1e-5)
+
+    mine, theirs = (load_file(Path(r.adapter_path) / "adapter_model.safetensors") for r in (sharded, single))
+    assert mine.keys() == theirs.keys()
+    for key in mine:
+        torch.testing.assert_close(mine[key], theirs[key], atol=1e-5, rtol=1e-5, msg=key)
+    probe = torch.randint(0, 300, (1, 128), generator=torch.Generator().manual_seed(0))
+    base, _ = load_model(config.model, for_training=False, path=tiny_model_dir)
+    with torch.no_grad():
+        plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, config=base.config)
+        logits = PeftModel.from_pretrained(plain, sharded.adapter_path).eval()(input_ids=probe).logits
+        reference = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(tiny_model_dir, config=base.config), single.adapter_path
+        ).eval()(input_ids=probe).logits
+    torch.testing.assert_close(logits, reference, atol=1e-4, rtol=0)

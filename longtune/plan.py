@@ -37,6 +37,20 @@ CPU against the tracked per-rank peak of a real 2-rank gloo step (tests/test_pla
 GPUs the weights are gathered in bf16 (MixedPrecisionPolicy), which the CPU path does not
 use: that, and the CUDA streams' timing of the prefetch, only a GPU can check.
 
+Sequence parallelism (``scaling.sequence_parallel`` = P, attention/sequence_parallel.py,
+train/sequence.py): a rank holds N/P tokens of each block, so every activation term (the
+checkpointed layer inputs, one layer's recompute, the attention's, the LM head and loss) is
+that of N/P tokens, with S2's groups of the whole sequence; every rank holds the whole
+block's ids, positions, labels and loss mask (the group's leader broadcasts them); the
+halo adds, per layer, the straddling group's tensors, a copy of the attention output and
+the gradients its cuts make (``_halo_terms``, the ``sequence_parallel_halo`` term). The
+model is replicated over the group (DDP) or sharded over all ``scaling.num_workers`` ranks
+(FSDP), as without it. FLOPs are one rank's (``step_flops``); the halo's bytes per layer are
+in ``--json`` and ``communication_per_layer`` compares them with ring attention's and
+Ulysses'. Checked on the CPU against the tracked per-rank peak of a real 2-rank gloo step
+with ``optimizer_step(sequence=...)`` (tests/test_plan.py); the halo's terms on a GPU (NCCL
+buffers, flash kernels on the straddling group) are modelled, not measured.
+
 Assumptions, stated in every plan: ``attention.backend: auto`` on a GPU is flash-attn (the
 cluster YAMLs install it); rows may hold several documents when ``data.position_ids`` is
 ``document`` (the default), so backends that build document masks (CUDA SDPA for S2, the
@@ -1156,7 +1170,7 @@ def _halo_terms(s: ModelShape, lay: Layout, b: int, n: int, g: int) -> dict[str,
       output's copy [B, L, H, D], the first G/2 rows' cat, the straddling group's tensors,
       the tail sent and the halo received ([2, B, Hkv_s, G/2, D] each), casts of RoPE's
       wider q/k to the compute dtype, and a shared kv head's repeated keys and values
-      [B, H - H/2, L, D] x 2;
+      [B, H, L, D] x 2 (of which the shifted heads are sent);
     - ``cat_backward``: the output's gradient cut by the two cats: each slice's backward
       zero-pads its piece to the whole [B, L, H, D] (two of them live while o_proj's input
       gradient is), and the straddling output's gradient;
@@ -1180,7 +1194,7 @@ def _halo_terms(s: ModelShape, lay: Layout, b: int, n: int, g: int) -> dict[str,
     saved = (b * hq * g * d * c + 2 * b * hkv_s * g * d * c + (2 * b * hq * g * d * c if whole and rep > 1 else 0)
              + strad_out + 4 * b * hq * g)
     casts = (tail + b * hq * half * d * c + 2 * b * hkv_s * half * d * c) if e != c else 0
-    repeated = 0 if whole else 2 * e * b * n * hq * d
+    repeated = 0 if whole else 2 * e * b * n * qd  # repeat_kv's whole [B, H, L, D], then the shifted heads
     forward = c * b * n * qd + b * half * heads * d * c + saved + 2 * tail + casts + repeated
     return {
         "tail": tail,

@@ -80,7 +80,7 @@ class SequenceShard:
         self.local_position_ids = self.local(position_ids)
         self.local_attention_mask = self.local(attention_mask)
         self._halo_meta: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
-        self.bytes_sent = 0  # halo bytes this rank sent, forward and backward (benchmarks)
+        self.bytes_sent = 0  # halo bytes this shard sent, forward and backward (tests, benchmarks)
 
     @property
     def previous(self) -> int | None:
@@ -147,7 +147,7 @@ class _Halo(torch.autograd.Function):
         sends = [(tail.contiguous(), shard.next)] if shard.next is not None else []
         recvs = [(halo, shard.previous)] if shard.previous is not None else []
         exchange(sends, recvs, shard.device, shard.group)
-        shard.bytes_sent += sum(t.numel() * t.element_size() for t, _ in sends)
+        _count(shard, sends, "forward")
         ctx.tail_shape, ctx.tail_dtype = tail.shape, tail.dtype
         return out.view_as(out), halo
 
@@ -163,8 +163,20 @@ class _Halo(torch.autograd.Function):
             grad_tail = torch.empty(ctx.tail_shape, dtype=ctx.tail_dtype, device=shard.device)
             recvs.append((grad_tail, shard.next))
         exchange(sends, recvs, shard.device, shard.group)
-        shard.bytes_sent += sum(t.numel() * t.element_size() for t, _ in sends)
+        _count(shard, sends, "backward")
         return grad_out, grad_tail, None
+
+
+HALO_TRAFFIC = {"forward": 0, "backward": 0, "exchanges": 0}
+"""Halo bytes this process sent, by pass (a checkpointed layer's recompute is a forward),
+and how many exchanges: what benchmarks/sequence_parallel.py reads."""
+
+
+def _count(shard: SequenceShard, sends, direction: str) -> None:
+    sent = sum(t.numel() * t.element_size() for t, _ in sends)
+    shard.bytes_sent += sent
+    HALO_TRAFFIC[direction] += sent
+    HALO_TRAFFIC["exchanges"] += 1
 
 
 def sequence_parallel_s2_attention(

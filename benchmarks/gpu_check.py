@@ -30,7 +30,9 @@ Checks, each a section of the printed table and of the JSON (``--out``):
    optimizer step inside it; then the same LoRA² steps with train.strategy=fsdp (FSDP2 over a
    mesh of one: bf16 gathers and fp32 reductions on CUDA, the allocator on DTensor shards),
    its sharded checkpoint written and resumed (the resumed steps must equal the
-   uninterrupted ones), and again with train.fsdp.cpu_offload (shards in host memory).
+   uninterrupted ones), and again with train.fsdp.cpu_offload (shards in host memory); and
+   sequence parallelism's training path with one rank (P = 1: the halo exchange needs a
+   second GPU), whose losses must equal the plain step's.
 
 Exit code 0 when every check passed, 1 otherwise (the table says which). Never changes the
 GPU's settings.
@@ -400,6 +402,7 @@ def collectives(s: Sizes, workdir: Path) -> list[dict[str, Any]]:
                      "ok": all(map(math.isfinite, losses)) and kept == hooks.allocator.budget})
         del ddp, model, params, optimizer, scheduler, hooks
         rows += _fsdp_rows(s, run, path, device, backend, workdir)
+        rows += _sequence_rows(s, run, path, device, backend)
     finally:
         dist.destroy_process_group()
     return rows
@@ -471,6 +474,41 @@ def _fsdp_rows(s: Sizes, run, path: Path, device, backend: str, workdir: Path) -
                  "vs_fsdp": float(f"{gap:.2g}"), "shards_on_host": on_host,
                  "ok": on_host and all(map(math.isfinite, off)) and gap < near})
     return rows
+
+
+def _sequence_rows(s: Sizes, run, path: Path, device, backend: str) -> list[dict[str, Any]]:
+    """Sequence parallelism's code path with one rank per sequence (scaling.sequence_parallel
+    reduces to P = 1 on one GPU): optimizer_step with a sequence group, the attention routed
+    through sequence_parallel_s2_attention inside sharded_sequence, forward and recomputing
+    backward; the losses of 3 plain-LoRA steps equal those without it from the same start."""
+    from longtune.config import with_overrides
+    from longtune.precision import resolve_precision
+    from longtune.train.loop import build_loss, build_model, build_optimizer, optimizer_step
+    from longtune.train.sequence import SequenceGroup
+
+    lora = with_overrides(run, {"adapter.type": "lora", "train.max_steps": 3})
+    precision = resolve_precision(lora.model, lora.train, device.type)
+
+    def losses(sequence) -> list[float]:
+        torch.manual_seed(0)
+        model = build_model(lora, str(path), device, precision)
+        loss_fn = build_loss(lora, model)
+        params, optimizer, scheduler = build_optimizer(lora, model)
+        model.train()
+        g = torch.Generator().manual_seed(0)
+        out = []
+        for step in range(1, 4):
+            block = {"input_ids": torch.randint(0, CPU.model["vocab_size"], (1, 64), generator=g).to(device),
+                     "position_ids": torch.arange(64)[None].to(device)}
+            out.append(optimizer_step(loss_fn, [block], params, optimizer, scheduler, lora,
+                                      precision.autocast(device), None, step, sequence=sequence).mean)
+        return out
+
+    plain = losses(None)
+    sharded = losses(SequenceGroup(1, 0, (0,), None, device))
+    gap = max(abs(a - b) / abs(b) for a, b in zip(sharded, plain))
+    return [{"what": "sequence-parallel step, P = 1", "backend": backend, "loss": float(f"{sharded[-1]:.4g}"),
+             "vs_plain": float(f"{gap:.2g}"), "ok": all(map(math.isfinite, sharded)) and gap <= s.tolerance}]
 
 
 # ---------------------------------------------------------------- the run

@@ -356,3 +356,29 @@ def test_finetune_with_two_workers_sharing_each_sequence(ray_local, tmp_path, ti
             AutoModelForCausalLM.from_pretrained(tiny_model_dir, config=base.config), single.adapter_path
         ).eval()(input_ids=probe).logits
     torch.testing.assert_close(logits, reference, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["scaling.num_workers=4", "scaling.sequence_parallel=3"],
+     r"scaling.sequence_parallel=3 must divide scaling.num_workers=4 .*use one of \[1, 2, 4\]"),
+    (["scaling.sequence_parallel=2", "attention.type=full"],
+     r"needs attention.type=s2: full attention has no group structure"),
+    (["scaling.sequence_parallel=2", "attention.shift=roll"], r"needs attention.shift=split: roll wraps"),
+    (["scaling.num_workers=8", "scaling.sequence_parallel=8"],
+     r"must divide the 4 S2 groups of a sequence \(1024 tokens / group size 256\).*use one of \[1, 2, 4\]"),
+    (["scaling.sequence_parallel=2", "attention.group_size=384"],
+     r"context length 1024 is not a multiple of the group size 384"),
+])
+def test_settings_sequence_parallelism_cannot_run_are_refused_naming_the_valid_values(overrides, message):
+    from longtune.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["model.target_context=1024", *overrides])
+
+
+def test_valid_sequence_parallel_settings_load():
+    from longtune.config import load_config
+
+    config = load_config(None, ["model.target_context=1024", "scaling.num_workers=8", "scaling.sequence_parallel=8",
+                                "attention.group_size=128"])
+    assert config.scaling.sequence_parallel == 8

@@ -58,7 +58,7 @@ HALO_GROUP = 8192
 
 
 def _config(recipe: str, sp: int, group: int | None, strategy: str, offload: bool, context: int):
-    overrides = [f"scaling.num_workers=8", f"scaling.sequence_parallel={sp}", f"train.strategy={strategy}",
+    overrides = ["scaling.num_workers=8", f"scaling.sequence_parallel={sp}", f"train.strategy={strategy}",
                  f"model.activation_offload={str(offload).lower()}", f"model.target_context={context}",
                  "data.context_length=null"]
     if group is not None:

@@ -21,43 +21,6 @@ def mlflow_run(tmp_path: Path, run_id: str):
     return client, client.get_run(run_id)
 
 
-def test_two_worker_run_checkpoints_and_tracks(ray_local, tmp_path, run_config):
-    from longtune.finetune import finetune
-
-    config = run_config("train.max_steps=4", "train.run_name=basic",
-                         "eval.before_after=true")
-    result = finetune(config)
-
-    # the final checkpoint holds everything a resume needs
-    ckpt = Path(result.checkpoint_path)
-    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors",
-                 "optimizer.pt", "scheduler.pt", "config.yaml", "state.json"):
-        assert (ckpt / name).is_file(), name
-    state = json.loads((ckpt / "state.json").read_text())
-    assert state["step"] == 4 and state["tokens_seen"] == 4 * 2 * 1 * 128
-    assert load_config(ckpt / "config.yaml") == config
-    assert result.metrics["step"] == 4 and "eval_loss" in result.metrics
-
-    # the MLflow run: params, per-step metrics, the adapter, the config, the loss curve
-    client, run = mlflow_run(tmp_path, result.mlflow_run_id)
-    assert run.info.status == "FINISHED"
-    assert run.data.params["model.target_context"] == "128"
-    assert run.data.params["attention.group_size_ratio"] == "0.25"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [2, 4]
-    assert {"lr", "tokens_per_s", "step_time_s", "peak_memory_mb", "eval_loss"} <= set(run.data.metrics)
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"adapter", "config.yaml", "plots"} <= artifacts
-    adapter_files = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
-    assert "adapter/adapter_model.safetensors" in adapter_files
-    local = Path(client.download_artifacts(run.info.run_id, "plots/loss_curve.png", str(tmp_path)))
-    assert local.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-    # before/after: the interpolated base and the tuned model on the same held-out tokens
-    assert result.metrics["eval_tokens_128_before"] == result.metrics["eval_tokens_128"] > 0
-    assert result.metrics["ppl_128"] != result.metrics["ppl_128_before"]
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "ppl_128")] == [0, 4]
-
-
 def test_saved_adapter_reloads_with_plain_peft_identically(tmp_path, tiny_model_dir, run_config):
     """Train a few steps with the loop's own pieces, checkpoint, and reload with plain PEFT."""
     from peft import PeftModel
@@ -94,32 +57,85 @@ def test_saved_adapter_reloads_with_plain_peft_identically(tmp_path, tiny_model_
     assert not torch.allclose(trained, untouched)  # the adapter really changed the model
 
 
-def test_resume_continues_exactly_where_it_stopped(ray_local, tmp_path, run_config):
-    """4 steps on 2 workers, then the same run name relaunched for 8 steps, equals 8 steps in
-    one go: every rank trains on the same blocks at every step, and ends with the same weights."""
+def test_a_run_checkpoints_tracks_resumes_exactly_and_survives_a_killed_worker(ray_local, tmp_path, run_config):
+    """One DDP run on 2 workers, launched three times (each launch of a Ray Train run costs
+    more than its steps, so one job serves what three used to):
+
+    1. 4 steps with the before/after scoring: the final checkpoint holds everything a resume
+       needs, the MLflow run has the params, per-step metrics, artifacts and both scores;
+    2. the same run name relaunched for 8 steps, a worker killed right after step 7: the
+       relaunch resumes at step 4, Ray Train restarts the workers from the step-6 checkpoint
+       (the one written one step before the crash: nothing before it redone) and every step
+       is logged once;
+    3. 8 steps in one go ("straight"): the stopped, relaunched and restarted run equals it,
+       every rank training on the same blocks at every step and ending with the same weights.
+    """
     from safetensors.torch import load_file
 
-    from longtune.train.probes import RecordBlocks, read_records
     from longtune.finetune import finetune
+    from longtune.train.probes import KillOnce, RecordBlocks, read_records
 
-    def run(name, steps):
+    def launch(name, steps, *extra, probes=()):
         # small packing batches: many bundles from parallel tasks, finishing in any order
-        config = run_config(f"train.max_steps={steps}",
-                             f"train.run_name={name}", "data.pack_batch_tokens=512")
-        return finetune(config, probes=(RecordBlocks(str(tmp_path / "blocks" / name)),))
+        config = run_config(f"train.max_steps={steps}", f"train.run_name={name}", "data.pack_batch_tokens=512",
+                            *extra)
+        return config, finetune(config, probes=(RecordBlocks(str(tmp_path / "blocks" / name)), *probes))
 
-    run("resumed", 4)
-    resumed = run("resumed", 8)
-    straight = run("straight", 8)
+    # ------------------------------------------------ 1. 4 steps, checkpointed, tracked, scored
+    config, result = launch("resumed", 4, "eval.before_after=true")
 
+    # the final checkpoint holds everything a resume needs
+    ckpt = Path(result.checkpoint_path)
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+                 "optimizer.pt", "scheduler.pt", "config.yaml", "state.json"):
+        assert (ckpt / name).is_file(), name
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["step"] == 4 and state["tokens_seen"] == 4 * 2 * 1 * 128
+    assert load_config(ckpt / "config.yaml") == config
+    assert result.metrics["step"] == 4 and "eval_loss" in result.metrics
+
+    # the MLflow run: params, per-step metrics, the adapter, the config, the loss curve
+    client, run = mlflow_run(tmp_path, result.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.target_context"] == "128"
+    assert run.data.params["attention.group_size_ratio"] == "0.25"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [2, 4]
+    assert {"lr", "tokens_per_s", "step_time_s", "peak_memory_mb", "eval_loss"} <= set(run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"adapter", "config.yaml", "plots"} <= artifacts
+    adapter_files = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
+    assert "adapter/adapter_model.safetensors" in adapter_files
+    local = Path(client.download_artifacts(run.info.run_id, "plots/loss_curve.png", str(tmp_path)))
+    assert local.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # before/after: the interpolated base and the tuned model on the same held-out tokens
+    assert result.metrics["eval_tokens_128_before"] == result.metrics["eval_tokens_128"] > 0
+    assert result.metrics["ppl_128"] != result.metrics["ppl_128_before"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "ppl_128")] == [0, 4]
+
+    # ------------------------------------------------ 2. relaunched to 8 steps, a worker killed after step 7
+    marker = tmp_path / "killed"
+    _, resumed = launch("resumed", 8, "train.max_failures=1", probes=(KillOnce(step=7, rank=1, marker=str(marker)),))
+    assert marker.read_text() == "7"  # the worker really died at step 7
+    assert resumed.metrics["step"] == 8
+    client, second = mlflow_run(tmp_path, resumed.mlflow_run_id)
+    assert second.info.status == "FINISHED"
+    resumed_from = sorted((m.step, int(m.value))
+                          for m in client.get_metric_history(second.info.run_id, "resumed_from_step"))
+    # the relaunch at the first launch's last checkpoint, then the restart after the kill at the
+    # checkpoint written one step before the crash: nothing before it redone
+    assert resumed_from == [(4, 4), (6, 6)]
+    steps = [m.step for m in client.get_metric_history(second.info.run_id, "loss")]
+    assert steps == [6, 8]  # every step of the relaunch logged once: none lost, none repeated
+    state = json.loads((Path(resumed.checkpoint_path) / "state.json").read_text())
+    assert state["step"] == 8 and state["tokens_seen"] == 8 * 2 * 128  # no step counted twice
+
+    # ------------------------------------------------ 3. the uninterrupted run
+    _, straight = launch("straight", 8)
     blocks = {name: read_records(tmp_path / "blocks" / name) for name in ("resumed", "straight")}
     assert blocks["resumed"] == blocks["straight"]
     assert sorted(blocks["straight"]) == [0, 1] and sorted(blocks["straight"][0]) == list(range(1, 9))
     assert blocks["straight"][0][1] != blocks["straight"][1][1]  # the ranks share out the blocks
-    client, second = mlflow_run(tmp_path, resumed.mlflow_run_id)
-    assert [m.step for m in client.get_metric_history(second.info.run_id, "loss")] == [6, 8]
-    state = json.loads((Path(resumed.checkpoint_path) / "state.json").read_text())
-    assert state["step"] == 8 and state["tokens_seen"] == 8 * 2 * 128
     a = load_file(Path(resumed.adapter_path) / "adapter_model.safetensors")
     b = load_file(Path(straight.adapter_path) / "adapter_model.safetensors")
     assert a.keys() == b.keys()
@@ -130,27 +146,6 @@ def test_resume_continues_exactly_where_it_stopped(ray_local, tmp_path, run_conf
     for sa, sb in zip(opt_a["state"].values(), opt_b["state"].values()):
         assert sa["step"] == sb["step"] == 8
         torch.testing.assert_close(sa["exp_avg_sq"], sb["exp_avg_sq"], atol=1e-8, rtol=1e-4)
-
-
-def test_killed_worker_restarts_from_the_last_checkpoint(ray_local, tmp_path, run_config):
-    from longtune.train.probes import KillOnce
-    from longtune.finetune import finetune
-
-    config = run_config("train.max_steps=8",
-                         "train.run_name=faulty", "train.max_failures=1")
-    marker = tmp_path / "killed"
-    result = finetune(config, probes=(KillOnce(step=5, rank=1, marker=str(marker)),))
-
-    assert marker.read_text() == "5"  # the worker really died at step 5
-    assert result.metrics["step"] == 8
-    client, run = mlflow_run(tmp_path, result.mlflow_run_id)
-    assert run.info.status == "FINISHED"
-    (resumed,) = [int(m.value) for m in client.get_metric_history(run.info.run_id, "resumed_from_step")]
-    assert resumed == 4  # the checkpoint written one step before the crash: nothing before it redone
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
-    assert steps == [2, 4, 6, 8]  # every step logged once: none lost, none repeated
-    state = json.loads((Path(result.checkpoint_path) / "state.json").read_text())
-    assert state["step"] == 8 and state["tokens_seen"] == 8 * 2 * 128  # no step counted twice
 
 
 def test_not_enough_cpus_fails_fast(ray_local, run_config):

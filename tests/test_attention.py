@@ -296,6 +296,34 @@ def test_softcap_blocks_cover_rows_and_queries(monkeypatch):
     _check(2, 4, 2, 40, 10, "split", None, False, softcap=2.0)
 
 
+@pytest.mark.parametrize("shift", ["split", "roll"])
+def test_lean_forward_blocks_cover_every_span(monkeypatch, executor, shift):
+    """The lean CPU forward calls the kernel on a few folded rows at a time, writing each
+    block into the output: blocks of one row, and of three rows crossing the edges of the
+    masked spans (padding, document starts), must give the reference's output and grads."""
+    import longtune.attention.s2 as s2
+
+    sizes = []
+    real = s2._forward_blocks
+
+    def spy(span, n_heads, head_elements):
+        for rows, heads in real(span, n_heads, head_elements):
+            sizes.append((rows.stop - rows.start, len(range(n_heads)[heads]), head_elements))
+            yield rows, heads
+
+    monkeypatch.setattr(s2, "_forward_blocks", spy)
+    # 1 element: one head of one group a call; 16 x 8 x 4 x 3 (g x D x heads x 3): three rows
+    # of a whole group's 4 heads; 16 x 8 x 3: three of the 4 heads of one whole group
+    for block, cut in ((1, (1, 1)), (16 * 8 * 4 * 3, (3, 4)), (16 * 8 * 3, (1, 3))):
+        monkeypatch.setattr(s2, "_FORWARD_BLOCK_ELEMENTS", block)
+        sizes.clear()
+        _check(3, 8, 4, 64, 16, shift, "right", True, seed=7)
+        _check(3, 8, 4, 64, 16, shift, "left", True, seed=8)
+        if executor == "lean":
+            assert cut + (16 * 8,) in sizes
+            assert all(r * h * e <= max(block, e) for r, h, e in sizes)
+
+
 def test_full_attention_softcap_padding_documents_window():
     b, h, n = 3, 4, 40
     q, k, v = _inputs(b, h, 2, n)

@@ -438,21 +438,31 @@ class _LeanGroupedAttention(torch.autograd.Function):
         b, h, m, d = q.shape
         out = q.new_empty(b, m, h, d)  # transformers' output layout
         fmasks = plan.additive(q.dtype)
-        lses = []
+        lses = []  # one [rows, heads, g] fp32 tensor per span
         for (piece, spans), fspans in zip(plan.parts, fmasks):
             qs, ks, vs = piece.gather(q), piece.gather(k), piece.gather(v)  # [rows, heads, g, D]
             dst = piece.gather(out.transpose(1, 2))
-            direct = len(spans) > 1 and _same_storage(dst, out)  # spans written in place
+            # The kernel returns a fresh output: written into ``out`` block by block, only one
+            # block's copy exists at a time (a whole piece's would be half of ``out``).
+            direct = _same_storage(dst, out)
             outs = []
-            for (rows, _), fmask in zip(spans, fspans):
-                o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                    qs[rows], ks[rows], vs[rows], 0.0, fmask is None, attn_mask=fmask, scale=scaling,
-                )
-                if direct:
-                    dst[rows].copy_(o)
-                else:
-                    outs.append(o)
-                lses.append(lse)
+            for (span, _), fmask in zip(spans, fspans):
+                lse = qs.new_empty(span.stop - span.start, qs.shape[1], qs.shape[2], dtype=torch.float32)
+                # without a view to write into, the span's output is kept whole for the scatter
+                blocks = _forward_blocks(span, qs.shape[1], qs[0, 0].numel()) if direct else [(span, slice(None))]
+                for rows, heads in blocks:
+                    mask = fmask if fmask is None or fmask.shape[0] == 1 else fmask[rows.start - span.start : rows.stop - span.start]
+                    o, block_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                        qs[rows, heads], ks[rows, heads], vs[rows, heads], 0.0, fmask is None, attn_mask=mask,
+                        scale=scaling,
+                    )
+                    lse[rows.start - span.start : rows.stop - span.start, heads] = block_lse
+                    if direct:
+                        dst[rows, heads].copy_(o)
+                    else:  # batch > 1 with groups off the row start, or roll
+                        outs.append(o)
+                    del o, block_lse
+                lses.append(lse)  # [span rows, heads, g]
             if not direct:
                 piece.scatter(out.transpose(1, 2), outs[0] if len(outs) == 1 else torch.cat(outs))
         ctx.save_for_backward(q, k, v, out, *lses)
@@ -508,6 +518,28 @@ def _blocks(n_rows: int, n_heads: int, threads: int):
     for h in range(0, n_heads, heads_per):
         for r in range(0, n_rows, rows_per):
             yield slice(r, r + rows_per), slice(h, h + heads_per)
+
+
+_FORWARD_BLOCK_ELEMENTS = 1 << 17
+"""Output elements per fused forward call on the CPU: the bound on the kernel's fresh output
+that exists beside ``out`` (0.5 MiB in fp32). The forward kernel spreads heads and query
+blocks over threads, so even a block of one head of one group keeps them busy."""
+
+
+def _forward_blocks(span: slice, n_heads: int, head_elements: int):
+    """(rows, heads) blocks of a span of a folded [rows, heads, g, D] piece, about
+    ``_FORWARD_BLOCK_ELEMENTS`` output elements each: whole rows (heads ``slice(None)``)
+    when a row fits, else one row cut into groups of heads (at least one)."""
+    row_elements = n_heads * head_elements
+    if row_elements <= _FORWARD_BLOCK_ELEMENTS:
+        per = _FORWARD_BLOCK_ELEMENTS // max(row_elements, 1)
+        for r in range(span.start, span.stop, per):
+            yield slice(r, min(r + per, span.stop)), slice(None)
+        return
+    heads_per = max(1, _FORWARD_BLOCK_ELEMENTS // max(head_elements, 1))
+    for r in range(span.start, span.stop):
+        for h in range(0, n_heads, heads_per):
+            yield slice(r, r + 1), slice(h, min(h + heads_per, n_heads))
 
 
 def _same_storage(view: torch.Tensor, base: torch.Tensor) -> bool:

@@ -96,7 +96,8 @@ class Stepper:
         self.switch = {"s2": lambda: use_s2_attention(self.model, 0.25),
                        "full": lambda: use_full_attention(self.model)}
         gen = torch.Generator().manual_seed(0)
-        self.block = {"input_ids": torch.randint(0, SHAPE["vocab_size"], (1, context), generator=gen),
+        vocab = self.model.get_base_model().config.vocab_size
+        self.block = {"input_ids": torch.randint(0, vocab, (1, context), generator=gen),
                       "position_ids": torch.arange(context)[None]}
         self.model.train()
 
@@ -166,6 +167,123 @@ def measure_peak(method: str, loss: str, context: int, model_dir: str, chunk_tok
     stepper = Stepper(model_dir, context, chunk_tokens)
     stepper.step(method, loss)  # warm-up
     return peak_rise_bytes(lambda: stepper.step(method, loss))
+
+
+# -------------------------------------------------------------------- where the peak is
+
+
+PHASES = [  # in the order a step runs them; a layer's phases are maxima over the layers
+    ("forward", "layers' forward (checkpointed: inputs kept)"),
+    ("head", "LM head + loss (fwd; chunked: each chunk recomputed + bwd)"),
+    ("recompute", "layer recompute: norm, q/k/v, RoPE"),
+    ("attn_fwd", "attention kernel forward (recompute)"),
+    ("mlp", "o_proj + MLP recompute and backward"),
+    ("attn_bwd", "attention kernel backward"),
+    ("qkv_bwd", "q/k/v, RoPE, norm backward"),
+    ("optimizer", "optimizer step"),
+]
+
+
+class PhaseMeter:
+    """Peak resident set of each phase of one step: at every phase boundary the peak since
+    the last one is read and reset (VmHWM), as ``peak_rise_bytes`` does for a whole step.
+    ``peak``: above the step's start (the step's peak is the largest); ``rise``: above the
+    phase's own start (what the phase itself allocates on top of what it inherits)."""
+
+    def __init__(self):
+        self.base = None
+
+    def mark(self, phase: str) -> None:
+        from benchmarks._common import rss_kib
+
+        if self.base is None:
+            return
+        hwm = rss_kib("VmHWM") * 1024
+        peak, rise = self.peaks.setdefault(self.phase, [0, 0])
+        self.peaks[self.phase] = [max(peak, hwm - self.base), max(rise, hwm - self.start)]
+        Path("/proc/self/clear_refs").write_text("5")
+        self.phase, self.start = phase, rss_kib("VmRSS") * 1024
+
+    def measure(self, step) -> dict:
+        from benchmarks._common import rss_kib
+
+        self.peaks, self.phase = {}, "forward"
+        self.base = self.start = rss_kib("VmRSS") * 1024
+        Path("/proc/self/clear_refs").write_text("5")
+        step()
+        self.mark("end")
+        self.base = None
+        return {name: self.peaks.get(name, [0, 0]) for name, _ in PHASES}
+
+
+def measure_phases(method: str, loss: str, context: int, model_dir: str, chunk_tokens: int) -> dict:
+    """One step's per-phase peaks (bytes), after a warm-up: marks from module hooks (forward
+    and recompute), gradient hooks on the attention function's output and query (its
+    backward), the LM head's hook and the optimizer's step hook. Both attentions go through
+    the same wrapper of transformers' attention function table, so their phases cut alike."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from longtune.attention.interface import ATTN_IMPLEMENTATION
+
+    stepper = Stepper(model_dir, context, chunk_tokens)
+    stepper.step(method, loss)  # warm-up (registers S2's attention function too)
+    meter = PhaseMeter()
+
+    def backward() -> bool:
+        return torch._C._current_graph_task_id() != -1
+
+    def wrap(attend):
+        def attention(module, query, *args, **kwargs):
+            if backward():
+                meter.mark("attn_fwd")
+            out = attend(module, query, *args, **kwargs)
+            if backward():
+                meter.mark("mlp")
+            if out[0].requires_grad:  # checkpointing backpropagates through the first forward's graph
+                out[0].register_hook(lambda _: meter.mark("attn_bwd"))
+                query.register_hook(lambda _: meter.mark("qkv_bwd"))
+            return out
+
+        return attention
+
+    for key in ("sdpa", ATTN_IMPLEMENTATION):
+        ALL_ATTENTION_FUNCTIONS[key] = wrap(ALL_ATTENTION_FUNCTIONS[key])
+    causal_lm = stepper.model.get_base_model()
+    for layer in causal_lm.model.layers:
+        layer.self_attn.register_forward_pre_hook(lambda *_: meter.mark("recompute") if backward() else None)
+    causal_lm.lm_head.register_forward_pre_hook(lambda *_: meter.mark("head"))
+    stepper.optimizer.register_step_pre_hook(lambda *_: meter.mark("optimizer"))
+    return meter.measure(lambda: stepper.step(method, loss))
+
+
+def phase_rows(model_dir: str, args) -> list[dict]:
+    """Per-phase peaks of every case, each in a fresh process (as the step peaks are)."""
+    import json
+
+    rows = []
+    for context in args.contexts:
+        row = {"context": context, "chunk_tokens": args.chunk_tokens, "phases": {}}
+        for m, loss in CASES:
+            argv = [__file__, "--_phases", m, loss, str(context), model_dir, str(args.chunk_tokens)]
+            row["phases"][f"{m}_{loss}"] = json.loads(run_isolated(argv))
+        rows.append(row)
+        print(phase_table(row), flush=True)
+    return rows
+
+
+def phase_table(row: dict) -> str:
+    mib = 2**20
+    names = [f"{m}_{loss}" for m, loss in CASES]
+    lines = [f"{row['context']} tokens: peak MiB above the step's start (rise within the phase); * the step's peak",
+             f"{'phase':58} " + " ".join(f"{n.replace('_', ' loss '):>18}" for n in names)]
+    tops = {n: max(p for p, _ in row["phases"][n].values()) for n in names}
+    for name, title in PHASES:
+        cells = []
+        for n in names:
+            peak, rise = row["phases"][n][name]
+            cells.append(f"{peak / mib:7.1f} ({rise / mib:6.1f}){'*' if peak == tops[n] else ' '}")
+        lines.append(f"{title:58} " + " ".join(f"{c:>18}" for c in cells))
+    return "\n".join(lines)
 
 
 # -------------------------------------------------------------------- Ray Train overhead
@@ -439,18 +557,28 @@ def main() -> None:
     p.add_argument("--chunk-tokens", type=int, default=None, help="train.loss_chunk_tokens (default: the config's)")
     p.add_argument("--ray-context", type=int, default=4096)
     p.add_argument("--ray-steps", type=int, default=8)
-    p.add_argument("--parts", nargs="+", default=["speed", "ray"], choices=["speed", "ray", "fsdp"])
+    p.add_argument("--parts", nargs="+", default=["speed", "ray"], choices=["speed", "ray", "fsdp", "phases"])
     p.add_argument("--out", default="benchmarks/results/train_step.json")
     p.add_argument("--fsdp-context", type=int, default=512, help="--parts fsdp: tokens a block")
     p.add_argument("--fsdp-reps", type=int, default=3, help="--parts fsdp: timed steps per case (median)")
     p.add_argument("--fsdp-shape", nargs="*", default=[], metavar="KEY=INT",
                    help="--parts fsdp: LlamaConfig fields replacing the default shape's (a smaller model)")
     p.add_argument("--fsdp-out", default="benchmarks/results/train_step_fsdp.json")
+    p.add_argument("--shape", nargs="*", default=[], metavar="KEY=INT",
+                   help="parts speed/phases: LlamaConfig fields replacing the seed shape's (see --parts phases)")
+    p.add_argument("--phases-out", default="benchmarks/results/train_step_phases.json")
     p.add_argument("--_peak", nargs=5, help=argparse.SUPPRESS)
+    p.add_argument("--_phases", nargs=5, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._peak:
         method, loss, context, model_dir, chunk = args._peak
         print(measure_peak(method, loss, int(context), model_dir, int(chunk)))
+        return
+    if args._phases:
+        import json
+
+        method, loss, context, model_dir, chunk = args._phases
+        print(json.dumps(measure_phases(method, loss, int(context), model_dir, int(chunk))))
         return
     if args.chunk_tokens is None:
         args.chunk_tokens = Config().train.loss_chunk_tokens
@@ -460,14 +588,21 @@ def main() -> None:
               f"{shape['hidden_size']}, vocab {shape['vocab_size']} (untied), fp32, LoRA+, gradient "
               f"checkpointing, {args.fsdp_context} tokens a block, batch 1, torch {torch.__version__}")
         print(f"wrote {write_json(args.fsdp_out, fsdp_rows(args, shape))}")
-        if not {"speed", "ray"} & set(args.parts):
+        if not {"speed", "ray", "phases"} & set(args.parts):
             return
+    SHAPE.update({k: int(v) for k, v in (kv.split("=", 1) for kv in args.shape)})
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = save_model(Path(tmp) / "model")
         print(f"Training steps of a seed-shaped Llama ({SHAPE['num_hidden_layers']} layers, hidden "
               f"{SHAPE['hidden_size']}, vocab {SHAPE['vocab_size']}) with LoRA+, gradient checkpointing, "
               f"batch 1, torch {torch.__version__}, {torch.get_num_threads()} threads")
         rows, overhead = [], None
+        if "phases" in args.parts:
+            print(f"where the peak is, train.loss_chunk_tokens={args.chunk_tokens}")
+            phases = phase_rows(model_dir, args)
+            print(f"wrote {write_json(args.phases_out, {'shape': SHAPE, 'phases': dict(PHASES), 'rows': phases})}")
+            if not {"speed", "ray"} & set(args.parts):
+                return
         if "speed" in args.parts:
             header = speed_header()
             print(f"train.loss_chunk_tokens={args.chunk_tokens}\n" + header + "\n" + "-" * len(header.splitlines()[-1]))

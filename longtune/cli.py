@@ -8,6 +8,7 @@ only a spelling of an override, so the config stays the single source of truth.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from longtune.config import Config, ConfigError, load_config
 from longtune.errors import LongtuneError, one_line
 from longtune.plan import GPUS as PLAN_GPUS
+from longtune.runtime import LOG_LEVEL_ENV, quiet_libraries
 
 
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+=")
@@ -139,6 +141,11 @@ def add_command_arguments(parser: argparse.ArgumentParser, cmd: Command) -> None
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config and exit"
     )
+    parser.add_argument(
+        "--verbose", action="store_true",
+        help="also show what transformers and MLflow print at INFO, and their progress bars "
+        "(as LONGTUNE_LOG_LEVEL=info does)",
+    )
     for flag in cmd.flags:
         parser.add_argument(
             flag.name, dest=flag.key, type=flag.type, nargs=flag.nargs, help=f"{flag.help} ({flag.key})"
@@ -188,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides look like KEY=VALUE)")
     args.overrides = overrides + extra  # undotted KEY=VALUE words reach the config's own error
+    if args.verbose:
+        os.environ[LOG_LEVEL_ENV] = "info"
+    quiet_libraries()  # before the job imports them: longtune's lines and real warnings only
 
     def resolve_and_run() -> int:
         config = resolve_config(args, cmd)

@@ -5,8 +5,50 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 
 from longtune.config import Config
+
+LOG_LEVEL_ENV = "LONGTUNE_LOG_LEVEL"
+"""``info`` (or ``debug``; the CLI's ``--verbose``) shows what the libraries longtune drives
+print; unset or ``warning``, a job shows longtune's own lines and real warnings."""
+
+# What those libraries print by default that tells a longtune user nothing: transformers'
+# progress bars for every weight load and save and its advisory notices (the "friendly
+# reminder" that generation passed the base's original length, which position interpolation
+# extended on purpose), MLflow's INFO lines about its database tables and system metrics.
+_QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "MLFLOW_LOGGING_LEVEL": "WARNING"}
+
+
+def verbose() -> bool:
+    return os.environ.get(LOG_LEVEL_ENV, "").strip().lower() in ("info", "debug")
+
+
+def quiet_env() -> dict[str, str]:
+    """The environment variables that quiet the libraries (none when verbose)."""
+    return {} if verbose() else dict(_QUIET_ENV)
+
+
+def quiet_libraries() -> None:
+    """Quiet transformers, huggingface_hub and MLflow in this process (see ``_QUIET_ENV``),
+    whether or not they are imported yet; nothing when ``LONGTUNE_LOG_LEVEL`` asks for more.
+    Their warnings and errors still show. A variable the user set wins."""
+    if verbose():
+        return
+    for key, value in _QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        if os.environ["TRANSFORMERS_VERBOSITY"] == "error":  # ours, or the user's own choice
+            hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if "mlflow" in sys.modules:
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
 # Ray Train 2.60's detached PlacementGroupCleaner asks the state API, served by the dashboard,
@@ -23,7 +65,9 @@ def _drop_cleaner_noise(record: logging.LogRecord) -> bool:
 
 def quiet_ray_workers() -> None:
     """Every worker process of a longtune job runs this first (``worker_process_setup_hook``):
-    drops the one Ray Train warning above; every other message stays."""
+    drops the one Ray Train warning above (every other message stays) and quiets the
+    libraries as the driver does (``quiet_libraries``)."""
+    quiet_libraries()
     logger = logging.getLogger(_CLEANER_LOGGER)
     if _drop_cleaner_noise not in logger.filters:
         logger.addFilter(_drop_cleaner_noise)
@@ -31,8 +75,10 @@ def quiet_ray_workers() -> None:
 
 def job_runtime_env() -> dict:
     """The runtime environment of every Ray a longtune job starts or joins."""
-    return {"env_vars": {"TOKENIZERS_PARALLELISM": "false"},
-            "worker_process_setup_hook": "longtune.runtime.quiet_ray_workers"}
+    env = {"TOKENIZERS_PARALLELISM": "false", **quiet_env()}
+    if verbose():
+        env[LOG_LEVEL_ENV] = os.environ[LOG_LEVEL_ENV]
+    return {"env_vars": env, "worker_process_setup_hook": "longtune.runtime.quiet_ray_workers"}
 
 
 def local_cpus_needed(config: Config) -> int:

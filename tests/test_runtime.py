@@ -42,3 +42,66 @@ def test_ray_workers_drop_the_placement_group_cleaners_noise_and_nothing_else(ra
              "Continuing to monitor.")
     assert ray_local.get(passes.remote(noise)) is False
     assert ray_local.get(passes.remote("Detected that the Ray Train controller actor (x) is dead.")) is True
+
+
+_NOISY = """
+import sys, tempfile
+sys.path.insert(0, {root!r})
+from longtune.runtime import quiet_libraries
+quiet_libraries()
+import mlflow
+from transformers import LlamaConfig, LlamaForCausalLM
+d = tempfile.mkdtemp()
+mlflow.set_tracking_uri(f"sqlite:///{{d}}/m.db")
+with mlflow.start_run():
+    mlflow.log_metric("x", 1.0)
+LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                             vocab_size=64)).save_pretrained(d + "/m")
+LlamaForCausalLM.from_pretrained(d + "/m")
+import logging
+logging.getLogger("mlflow").warning("a real warning")
+print("done")
+"""
+
+
+@pytest.mark.parametrize("level", [None, "info"])
+def test_a_job_shows_real_warnings_but_not_the_libraries_chatter(level, tmp_path):
+    """A process that quiets the libraries (as the CLI and every Ray worker do) prints no
+    weight-loading progress bars and no MLflow INFO lines about its tables, but still MLflow's
+    warnings; LONGTUNE_LOG_LEVEL=info (the CLI's --verbose) brings the chatter back."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS", "MLFLOW_LOGGING_LEVEL",
+                        "LONGTUNE_LOG_LEVEL")}
+    if level:
+        env["LONGTUNE_LOG_LEVEL"] = level
+    script = _NOISY.format(root=str(Path(__file__).resolve().parents[1]))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    shown = done.stdout + done.stderr
+    assert "a real warning" in shown and "done" in shown
+    chatter = ("Loading weights" in shown, "Creating initial MLflow database tables" in shown)
+    assert chatter == ((True, True) if level else (False, False)), shown
+
+
+def test_the_job_runtime_env_carries_the_quiet_settings_unless_verbose(monkeypatch):
+    from longtune.runtime import job_runtime_env
+
+    monkeypatch.delenv("LONGTUNE_LOG_LEVEL", raising=False)
+    assert job_runtime_env()["env_vars"]["TRANSFORMERS_VERBOSITY"] == "error"
+    monkeypatch.setenv("LONGTUNE_LOG_LEVEL", "info")
+    env = job_runtime_env()["env_vars"]
+    assert "TRANSFORMERS_VERBOSITY" not in env and env["LONGTUNE_LOG_LEVEL"] == "info"
+
+
+def test_verbose_flag_sets_the_log_level(monkeypatch):
+    from longtune.cli import main
+
+    monkeypatch.delenv("LONGTUNE_LOG_LEVEL", raising=False)
+    assert main(["finetune", "--verbose", "--print-config"]) == 0
+    assert os.environ["LONGTUNE_LOG_LEVEL"] == "info"
+    monkeypatch.delenv("LONGTUNE_LOG_LEVEL")

@@ -13,6 +13,10 @@ PYTHON=${PYTHON:-python3}
 VENV=${LONGTUNE_VENV:-.venv}
 STAMP="$VENV/.installed"
 
+# setuptools warns on every editable install that a folder named like the package may shadow
+# it (the checkout is that folder, on purpose): noise in a user's first run
+EDITABLE_QUIET=(env PYTHONWARNINGS=ignore)
+
 install() {
     if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ]; then
         return
@@ -22,13 +26,13 @@ install() {
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
     if command -v nvidia-smi >/dev/null 2>&1; then
         "$VENV/bin/python" -m pip install --quiet torch
-        "$VENV/bin/python" -m pip install --quiet -e ".[dev]"
+        "${EDITABLE_QUIET[@]}" "$VENV/bin/python" -m pip install --quiet -e ".[dev]"
         # flash-attn builds against the torch just installed
-        "$VENV/bin/python" -m pip install --quiet --no-build-isolation -e ".[gpu]" ||
+        "${EDITABLE_QUIET[@]}" "$VENV/bin/python" -m pip install --quiet --no-build-isolation -e ".[gpu]" ||
             echo "[dev.sh] flash-attn did not install; S2-Attn will use torch SDPA"
     else
         "$VENV/bin/python" -m pip install --quiet "torch==${LONGTUNE_TORCH_VERSION:-2.13.0}"
-        "$VENV/bin/python" -m pip install --quiet -e ".[dev]"
+        "${EDITABLE_QUIET[@]}" "$VENV/bin/python" -m pip install --quiet -e ".[dev]"
     fi
     touch "$STAMP"
 }

@@ -3,6 +3,7 @@
     python benchmarks/train_step.py                     # contexts 4096, 8192, 16384
     python benchmarks/train_step.py --contexts 4096 --parts speed
     python benchmarks/train_step.py --parts fsdp        # DDP vs FSDP2, 2 gloo ranks (~3 min)
+    python benchmarks/train_step.py --contexts 16384 --parts packed   # packed documents: S2 vs full
 
 Part 1 — a seed-shaped Llama (hidden 256, 6 layers, 8 heads, vocab 8192, gradient
 checkpointing on) with LoRA+ as `longtune finetune` trains it (position interpolation from
@@ -33,6 +34,12 @@ step's wall-clock and CPU seconds (medians over --fsdp-reps; ratios to DDP the m
 per-rep ratios), and the loss's largest relative difference from DDP's on the same steps.
 Writes --fsdp-out. On CPUs the gathers run over gloo on loopback, unoverlapped: its step
 times say what sharding costs here, not on GPUs with NCCL.
+
+Part 4 (--parts packed) — the step's peak on a packed block (documents of 300-3,000 tokens,
+as `longtune prepare` packs short documents), S2-Attn vs full attention, chunked loss on, a
+fresh process per measurement: full attention (the model's own SDPA) gets a [N, N] mask for
+packed rows; S2-Attn's CPU path masks each group that holds a document start ([g, g]).
+Writes --packed-out.
 """
 
 from __future__ import annotations
@@ -82,7 +89,7 @@ class Stepper:
     """One model, switchable between S2-Attn and full attention and between the stock loss
     (all logits at once) and the chunked one, stepping on a random block."""
 
-    def __init__(self, model_dir: str, context: int, chunk_tokens: int):
+    def __init__(self, model_dir: str, context: int, chunk_tokens: int, packed: bool = False):
         from longtune.attention import use_full_attention, use_s2_attention
         from longtune.train.loop import build_loss, build_model, build_optimizer
         from longtune.train.loss import LanguageModelLoss
@@ -98,7 +105,7 @@ class Stepper:
         gen = torch.Generator().manual_seed(0)
         vocab = self.model.get_base_model().config.vocab_size
         self.block = {"input_ids": torch.randint(0, vocab, (1, context), generator=gen),
-                      "position_ids": torch.arange(context)[None]}
+                      "position_ids": packed_positions(context)[None] if packed else torch.arange(context)[None]}
         self.model.train()
 
     def step(self, method: str, loss: str) -> tuple[float, float]:
@@ -163,8 +170,39 @@ def speed_header() -> str:
             f"{'context'} {cases} {cases} {'full':>6} {'s2':>6} {'full':>6} {'s2':>6} {'full':>6} {'s2':>6}")
 
 
-def measure_peak(method: str, loss: str, context: int, model_dir: str, chunk_tokens: int) -> int:
-    stepper = Stepper(model_dir, context, chunk_tokens)
+def packed_positions(context: int) -> torch.Tensor:
+    """[context] position ids of a packed block: documents of 300-3,000 tokens (seeded), as
+    `longtune prepare` packs a corpus of short documents."""
+    gen = torch.Generator().manual_seed(3)
+    runs, total = [], 0
+    while total < context:
+        n = min(int(torch.randint(300, 3000, (1,), generator=gen)), context - total)
+        runs.append(torch.arange(n))
+        total += n
+    return torch.cat(runs)
+
+
+def packed_rows(model_dir: str, args) -> list[dict]:
+    """Peak memory of a step on a packed block (documents of 300-3,000 tokens), S2 vs full
+    attention, the chunked loss on; a fresh process per measurement."""
+    rows = []
+    print(f"{'context':>8} {'documents':>9} {'full MiB':>9} {'S2 MiB':>8} {'S2 / full':>9}")
+    for context in args.contexts:
+        peaks = {}
+        for method in ("full", "s2"):
+            argv = [__file__, "--_packed", method, str(context), model_dir, str(args.chunk_tokens)]
+            peaks[method] = int(run_isolated(argv)) / 2**20
+        docs = int((packed_positions(context) == 0).sum())
+        row = {"context": context, "documents": docs, "full_peak_mib": peaks["full"], "s2_peak_mib": peaks["s2"],
+               "s2_vs_full": peaks["s2"] / peaks["full"]}
+        rows.append(row)
+        print(f"{context:8d} {docs:9d} {peaks['full']:9.0f} {peaks['s2']:8.0f} {row['s2_vs_full']:9.2f}", flush=True)
+    return rows
+
+
+def measure_peak(method: str, loss: str, context: int, model_dir: str, chunk_tokens: int,
+                 packed: bool = False) -> int:
+    stepper = Stepper(model_dir, context, chunk_tokens, packed)
     stepper.step(method, loss)  # warm-up
     return peak_rise_bytes(lambda: stepper.step(method, loss))
 
@@ -557,7 +595,7 @@ def main() -> None:
     p.add_argument("--chunk-tokens", type=int, default=None, help="train.loss_chunk_tokens (default: the config's)")
     p.add_argument("--ray-context", type=int, default=4096)
     p.add_argument("--ray-steps", type=int, default=8)
-    p.add_argument("--parts", nargs="+", default=["speed", "ray"], choices=["speed", "ray", "fsdp", "phases"])
+    p.add_argument("--parts", nargs="+", default=["speed", "ray"], choices=["speed", "ray", "fsdp", "phases", "packed"])
     p.add_argument("--out", default="benchmarks/results/train_step.json")
     p.add_argument("--fsdp-context", type=int, default=512, help="--parts fsdp: tokens a block")
     p.add_argument("--fsdp-reps", type=int, default=3, help="--parts fsdp: timed steps per case (median)")
@@ -567,12 +605,18 @@ def main() -> None:
     p.add_argument("--shape", nargs="*", default=[], metavar="KEY=INT",
                    help="parts speed/phases: LlamaConfig fields replacing the seed shape's (see --parts phases)")
     p.add_argument("--phases-out", default="benchmarks/results/train_step_phases.json")
+    p.add_argument("--packed-out", default="benchmarks/results/train_step_packed.json")
     p.add_argument("--_peak", nargs=5, help=argparse.SUPPRESS)
+    p.add_argument("--_packed", nargs=4, help=argparse.SUPPRESS)
     p.add_argument("--_phases", nargs=5, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._peak:
         method, loss, context, model_dir, chunk = args._peak
         print(measure_peak(method, loss, int(context), model_dir, int(chunk)))
+        return
+    if args._packed:
+        method, context, model_dir, chunk = args._packed
+        print(measure_peak(method, "on", int(context), model_dir, int(chunk), packed=True))
         return
     if args._phases:
         import json
@@ -597,6 +641,11 @@ def main() -> None:
               f"{SHAPE['hidden_size']}, vocab {SHAPE['vocab_size']}) with LoRA+, gradient checkpointing, "
               f"batch 1, torch {torch.__version__}, {torch.get_num_threads()} threads")
         rows, overhead = [], None
+        if "packed" in args.parts:
+            print(f"a packed block, chunked loss on (train.loss_chunk_tokens={args.chunk_tokens})")
+            print(f"wrote {write_json(args.packed_out, {'shape': SHAPE, 'rows': packed_rows(model_dir, args)})}")
+            if not {"speed", "ray", "phases"} & set(args.parts):
+                return
         if "phases" in args.parts:
             print(f"where the peak is, train.loss_chunk_tokens={args.chunk_tokens}")
             phases = phase_rows(model_dir, args)

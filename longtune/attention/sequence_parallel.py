@@ -23,7 +23,7 @@ all-to-all. The first rank receives nothing, the last sends nothing.
 Document boundaries, padding and sliding windows need the whole sequence's
 ``position_ids`` and ``attention_mask``: a ``SequenceShard`` carries them, and every rank of
 a group holds the same block (ids, positions and labels are sliced per rank by the
-training loop: ``longtune/train/loss.py``).
+training loop: ``longtune/train/sequence.py``).
 
 Plain torch (``longtune.distributed`` for the point-to-point calls): no Ray, no MLflow.
 """

@@ -74,7 +74,7 @@ def recorded(monkeypatch):
     seen: list[torch.Tensor] = []
     monkeypatch.setattr(distributed, "is_distributed", lambda: True)
     monkeypatch.setattr(distributed.dist, "all_reduce", lambda t, op=None: seen.append(t))
-    monkeypatch.setattr(distributed.dist, "broadcast", lambda t, src=0: seen.append(t))
+    monkeypatch.setattr(distributed.dist, "broadcast", lambda t, src=0, group=None: seen.append(t))
     return seen
 
 
@@ -88,6 +88,8 @@ def test_reductions_build_their_tensors_on_the_workers_device(recorded):
 def test_a_tensor_off_the_workers_device_is_refused_with_the_reason(recorded):
     with pytest.raises(RuntimeError, match="worker's device is meta"):
         distributed.broadcast_(torch.zeros(3), torch.device("meta"))
+    with pytest.raises(RuntimeError, match="worker's device is meta"):  # sequence parallelism's halo
+        distributed.exchange([(torch.zeros(3), 1)], [], torch.device("meta"))
     assert recorded == []
     distributed.broadcast_(torch.zeros(3), torch.device("cpu"))
     assert len(recorded) == 1

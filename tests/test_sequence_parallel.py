@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,10 @@ import torch
 import torch.multiprocessing as mp
 
 from longtune.attention.s2 import s2_attention
-from longtune.attention.sequence_parallel import SequenceShard, sequence_parallel_s2_attention
+from longtune.attention.sequence_parallel import (
+    SequenceShard,
+    sequence_parallel_s2_attention,
+)
 
 N, G, D = 64, 16, 8  # 4 groups: P = 2 gives 2 groups per shard, P = 4 one
 
@@ -49,20 +51,14 @@ CASES = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 WORLD = 4  # one spawn: ranks {0, 1} and {2, 3} are two P = 2 groups, all four one P = 4 group
 
 
-def _rank_main(rank: int, world: int, port: int, out: str) -> None:
+def _rank_main(rank: int, world: int, out: str) -> None:
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a file rendezvous: a "free" TCP port can be taken by another process before rank 0 binds it
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world)
     torch.set_num_threads(1)
     reports = {p: _cases(p) for p in (2, 4)}
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
@@ -113,7 +109,7 @@ def _cases(size: int) -> dict:
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory):
     out = tmp_path_factory.mktemp("sp")
-    mp.spawn(_rank_main, args=(WORLD, _free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_rank_main, args=(WORLD, str(out)), nprocs=WORLD, join=True)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
@@ -228,15 +224,14 @@ def _steps(par, config, micro_batches, sequence=None) -> tuple[list[float], dict
     return losses, adapter_state_dict(par)
 
 
-def _train_rank(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
+def _train_rank(rank: int, world: int, model_dir: str, out: str) -> None:
     import torch.distributed as dist
 
     from longtune.precision import resolve_precision
     from longtune.train.loop import build_parallel
     from longtune.train.sequence import sequence_group
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{out}.rendezvous", rank=rank, world_size=world)
     torch.set_num_threads(1)
     results = {}
     for strategy in ("ddp", "fsdp"):
@@ -261,7 +256,7 @@ def _train_rank(rank: int, world: int, port: int, model_dir: str, out: str) -> N
 @pytest.fixture(scope="module")
 def sharded_training(tmp_path_factory, tiny_model_dir):
     out = tmp_path_factory.mktemp("sp_train") / "ranks.pt"
-    mp.spawn(_train_rank, args=(4, _free_port(), tiny_model_dir, str(out)), nprocs=4, join=True)
+    mp.spawn(_train_rank, args=(4, tiny_model_dir, str(out)), nprocs=4, join=True)
     return torch.load(out, map_location="cpu", weights_only=True)
 
 
@@ -272,8 +267,8 @@ def test_two_groups_of_two_ranks_train_as_one_process(sharded_training, tiny_mod
     one process on both blocks: the loss of every step and the trained weights after 3 AdamW
     steps, with DDP and with FSDP2 over all 4 ranks."""
     from longtune.precision import resolve_precision
-    from longtune.train.parallel import ParallelModel
     from longtune.train.loop import build_loss, build_model
+    from longtune.train.parallel import ParallelModel
 
     config = _train_config(tiny_model_dir, "train.batch_size_per_worker=2")
     assert config.model.gradient_checkpointing

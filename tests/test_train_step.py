@@ -4,8 +4,6 @@ over micro-batches and ranks, checked with real gloo process groups."""
 from __future__ import annotations
 
 import math
-import os
-import socket
 
 import pytest
 import torch
@@ -54,12 +52,13 @@ def sgd_step(model, micro_batches, config):
     return loss, grads
 
 
-def _rank_main(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
+def _rank_main(rank: int, world: int, rendezvous: str, model_dir: str, out: str) -> None:
     from longtune.distributed import all_reduce_sum
     from longtune.train.loop import build_loss, build_model
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a file, not a "free" TCP port: another process (the session's Ray) can take the port between
+    # choosing it and binding it, and a rank then waits on a store that never answers
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     torch.manual_seed(0)
     torch.set_num_threads(1)
     config = step_config(model_dir, "train.batch_size_per_worker=1")
@@ -75,17 +74,11 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, out: str) -> No
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory, tiny_model_dir):
     """Loss and gradient of one step on 2 gloo ranks, one block each."""
     out = tmp_path_factory.mktemp("ranks") / "ranks.pt"
-    mp.spawn(_rank_main, args=(2, _free_port(), tiny_model_dir, str(out)), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(2, str(out.parent / "rendezvous"), tiny_model_dir, str(out)), nprocs=2, join=True)
     return torch.load(out, map_location="cpu", weights_only=True)
 
 

@@ -82,6 +82,10 @@ def fsdp_conflict(config: "Config") -> str | None:
     return None
 
 
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
 def sequence_parallel_conflict(config: "Config") -> str | None:
     """Why scaling.sequence_parallel cannot run ``config``, in one line naming the setting and
     the valid values; None when it can (or it is 1)."""
@@ -92,10 +96,9 @@ def sequence_parallel_conflict(config: "Config") -> str | None:
         return None
     workers = config.scaling.num_workers
     if workers % p:
-        divisors = [d for d in range(1, workers + 1) if workers % d == 0]
         return (
             f"scaling.sequence_parallel={p} must divide scaling.num_workers={workers} (workers = "
-            f"data-parallel degree x sequence_parallel): use one of {divisors}"
+            f"data-parallel degree x sequence_parallel): use one of {_divisors(workers)}"
         )
     a = config.attention
     if a.type != "s2":
@@ -118,11 +121,10 @@ def sequence_parallel_conflict(config: "Config") -> str | None:
         )
     groups = n // g
     if groups % p:
-        valid = [d for d in range(1, groups + 1) if groups % d == 0]
         return (
             f"scaling.sequence_parallel={p} must divide the {groups} S2 groups of a sequence ({n} tokens / "
-            f"group size {g}), so that shards end on group boundaries: use one of {valid}, or a smaller "
-            "attention.group_size"
+            f"group size {g}), so that shards end on group boundaries: use one of {_divisors(groups)}, or a "
+            "smaller attention.group_size"
         )
     return None
 

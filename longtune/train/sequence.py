@@ -53,9 +53,7 @@ class SequenceGroup:
         positions [B, N/P]; labels [B, N/P + 1] (one token into the next shard) but on the
         last rank, [B, N/P]; ``shard`` for ``sharded_sequence``."""
         n = ids.shape[1]
-        if n % self.size:
-            raise ValueError(f"a block of {n} tokens cannot be cut into {self.size} equal shards")
-        shard = SequenceShard(
+        shard = SequenceShard(  # refuses a block that P cannot cut into equal shards
             self.index, self.size, n, members=self.members, group=self.group, device=self.device,
             position_ids=positions,
         )

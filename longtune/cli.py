@@ -143,8 +143,8 @@ def add_command_arguments(parser: argparse.ArgumentParser, cmd: Command) -> None
     )
     parser.add_argument(
         "--verbose", action="store_true",
-        help="also show what transformers and MLflow print at INFO, and their progress bars "
-        "(as LONGTUNE_LOG_LEVEL=info does)",
+        help="also show what Ray, Ray Train, Ray Data, transformers and MLflow print at INFO, "
+        "their progress bars and Ray's notices (as LONGTUNE_LOG_LEVEL=info does)",
     )
     for flag in cmd.flags:
         parser.add_argument(

@@ -15,9 +15,13 @@ print; unset or ``warning``, a job shows longtune's own lines and real warnings.
 
 # What those libraries print by default that tells a longtune user nothing: transformers'
 # progress bars for every weight load and save and its advisory notices (the "friendly
-# reminder" that generation passed the base's original length, which position interpolation
-# extended on purpose), MLflow's INFO lines about its database tables and system metrics.
-_QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "MLFLOW_LOGGING_LEVEL": "WARNING"}
+# reminder" that generation passed max_position_embeddings: the passkey test at the target
+# context fills it with the prompt, and the key's digits come after it, by design),
+# MLflow's INFO lines about its database tables and system metrics,
+# Ray Data's progress bars (a worker's are drawn by the driver: line after line when stdout
+# is not a terminal; ``quiet_ray_data`` also turns off those of datasets the driver creates).
+_QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "MLFLOW_LOGGING_LEVEL": "WARNING",
+              "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
 
 
 def verbose() -> bool:
@@ -49,35 +53,109 @@ def quiet_libraries() -> None:
         disable_progress_bars()
     if "mlflow" in sys.modules:
         logging.getLogger("mlflow").setLevel(logging.WARNING)
+    if "ray.data" in sys.modules:
+        quiet_ray_data()
 
 
-# Ray Train 2.60's detached PlacementGroupCleaner asks the state API, served by the dashboard,
-# whether the controller lives; a local Ray started without the dashboard makes every ask fail
-# and the cleaner logs this warning at every check, hundreds of lines in a short run (its
-# clean-up of a crashed controller's placement group cannot run there either way).
-_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
-_CLEANER_NOISE = "Failed to query Ray Train Controller actor state"
+# What Ray prints that a longtune user cannot act on, dropped by logger and opening words in
+# the driver and in every worker of the job (``--verbose`` keeps them):
+# - Ray Train's detached PlacementGroupCleaner asks the state API whether the controller
+#   lives, and says so at every check (once a second) when it cannot ask. A Ray longtune
+#   starts has the state API (``init_ray``); a cluster it joins may not (``ray start
+#   --include-dashboard=false``, a minimal Ray install).
+# - Ray Data's notice that progress bars are off (longtune turns them off: ``quiet_env``),
+#   and the line that closes each dataset's progress bar, logged too ("✔️  Dataset
+#   train_... execution finished in 30.08 seconds"); a failed execution's line stays.
+_NOISE: tuple[tuple[str, str], ...] = (
+    ("ray.train.v2._internal.execution.controller.placement_group_cleaner",
+     "Failed to query Ray Train Controller actor state"),
+    ("ray.data._internal.progress", "Progress bars disabled."),
+    ("ray.data._internal.execution.streaming_executor", "\N{HEAVY CHECK MARK}"),
+)
+# Only in a local Ray:
+# - Ray's warning, at every start, that it enabled token authentication for the local
+#   cluster (its default since 2.59; RAY_AUTH_MODE set before the start opts out). Setting
+#   RAY_AUTH_MODE=token in the job instead, once Ray is imported, makes Ray 2.60 skip making
+#   a fresh home's token and its GCS dies at start.
+# - Ray Train's ask of Ray Data's autoscaling coordinator for the workers' resources times
+#   out (5 s) while the coordinator's actor is still starting on a busy machine, and the
+#   warning carries a traceback. A local Ray has no autoscaler to read the request.
+_LOCAL_NOISE: tuple[tuple[str, str], ...] = (
+    ("ray._private.authentication.authentication_token_setup",
+     "Token authentication is enabled for this Ray cluster"),
+    ("ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client",
+     "Failed to send resource request"),
+    ("ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client",
+     "Failed to cancel resource request"),
+)
+_LOCAL_RAY_ENV = "LONGTUNE_LOCAL_RAY"  # set in the runtime env of a Ray longtune started
 
 
-def _drop_cleaner_noise(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith(_CLEANER_NOISE)
+class _DropNoise(logging.Filter):
+    """Drops the records of one logger whose message opens with one of ``openings``."""
+
+    def __init__(self, openings: tuple[str, ...]):
+        super().__init__()
+        self.openings = openings
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.openings)
+
+
+def drop_ray_noise(*, local: bool) -> None:
+    """Filter the Ray messages above (``_LOCAL_NOISE`` too when ``local``) out of this
+    process's loggers; nothing when ``LONGTUNE_LOG_LEVEL`` asks for more. Every other
+    message of those loggers stays. Idempotent."""
+    if verbose():
+        return
+    by_logger: dict[str, tuple[str, ...]] = {}
+    for name, opening in _NOISE + (_LOCAL_NOISE if local else ()):
+        by_logger[name] = by_logger.get(name, ()) + (opening,)
+    for name, openings in by_logger.items():
+        logger = logging.getLogger(name)
+        for old in [f for f in logger.filters if isinstance(f, _DropNoise)]:
+            logger.removeFilter(old)
+        logger.addFilter(_DropNoise(openings))
+
+
+def quiet_ray_data() -> None:
+    """Ray Data in this process, and every dataset created here from now on (a dataset
+    carries its creator's DataContext to the workers that run it): no progress bars (two
+    hundred lines in a short run when stdout is not a terminal) and no "Starting execution
+    of Dataset" lines with the dataset's execution plan. Nothing when verbose."""
+    if verbose():
+        return
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
 
 
 def quiet_ray_workers() -> None:
     """Every worker process of a longtune job runs this first (``worker_process_setup_hook``):
-    drops the one Ray Train warning above (every other message stays) and quiets the
-    libraries as the driver does (``quiet_libraries``)."""
+    its state-API calls go to its own cluster, the libraries are quieted as in the driver
+    (``quiet_libraries``) and Ray's noise is dropped (``drop_ray_noise``)."""
+    import ray
+
+    # The state API (Ray Train's PlacementGroupCleaner asks it whether the controller lives)
+    # finds its server from RAY_API_SERVER_ADDRESS, else RAY_ADDRESS, else the newest
+    # `ray start` cluster or the one GCS process on this machine: with another Ray running
+    # here that is another cluster (the cleaner cannot find the controller there, takes it
+    # for dead and removes the run's placement group) or an error. A worker's own cluster
+    # is the one its GCS knows.
+    os.environ["RAY_API_SERVER_ADDRESS"] = ray.get_runtime_context().gcs_address
     quiet_libraries()
-    logger = logging.getLogger(_CLEANER_LOGGER)
-    if _drop_cleaner_noise not in logger.filters:
-        logger.addFilter(_drop_cleaner_noise)
+    drop_ray_noise(local=os.environ.get(_LOCAL_RAY_ENV) == "1")
 
 
-def job_runtime_env() -> dict:
-    """The runtime environment of every Ray a longtune job starts or joins."""
+def job_runtime_env(*, local: bool = False) -> dict:
+    """The runtime environment of every Ray a longtune job starts (``local``) or joins."""
     env = {"TOKENIZERS_PARALLELISM": "false", **quiet_env()}
     if verbose():
         env[LOG_LEVEL_ENV] = os.environ[LOG_LEVEL_ENV]
+    if local:
+        env[_LOCAL_RAY_ENV] = "1"
     return {"env_vars": env, "worker_process_setup_hook": "longtune.runtime.quiet_ray_workers"}
 
 
@@ -105,20 +183,36 @@ def init_ray(config: Config, *, log_to_driver: bool = True):
     it; `RAY_ADDRESS=auto` joins a `ray start` cluster on this machine), else start a local
     Ray sized by ``local_cpus_needed``. Never joins an unnamed cluster: Ray cannot tell a
     `ray start` head from another program's `ray.init()`, whose workers may run other code.
-    Returns the ray module."""
+    Ray's INFO lines in the driver, Ray Data's progress bars and the messages in
+    ``_NOISE`` are left out unless ``LONGTUNE_LOG_LEVEL`` asks for them. Returns the ray module."""
     import ray
 
+    quiet_ray_data()
     if ray.is_initialized():
         return ray
     address = config.scaling.ray_address or os.environ.get("RAY_ADDRESS")
-    runtime_env = job_runtime_env()
+    # "Started a local Ray instance", "Connecting to existing Ray cluster", a fresh home's
+    # "Generated new authentication token": the driver's ray logger at INFO
+    level = logging.INFO if verbose() else logging.WARNING
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=log_to_driver)
-    else:
-        ray.init(
-            num_cpus=local_cpus_needed(config),
-            runtime_env=runtime_env,
-            log_to_driver=log_to_driver,
-            include_dashboard=False,
-        )
+        drop_ray_noise(local=False)
+        ray.init(address=address, runtime_env=job_runtime_env(), log_to_driver=log_to_driver, logging_level=level)
+        return ray
+    # Ray Train watches for the preemption of nodes (cloud capacity taken back, a drained
+    # node); a local Ray has no node to lose but the driver's, and the watcher's start logs a
+    # core-worker error (its constructor arguments are in the object store, ray#53727).
+    # Ray Train hands the driver's setting on to its controller.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    drop_ray_noise(local=True)
+    ray.init(
+        num_cpus=local_cpus_needed(config),
+        runtime_env=job_runtime_env(local=True),
+        log_to_driver=log_to_driver,
+        logging_level=level,
+        # the dashboard's process serves the state API (include_dashboard=False starts it
+        # with none of its modules): Ray Train's PlacementGroupCleaner asks it whether the
+        # run's controller lives, to remove the workers' placement group when it died; it
+        # listens on 127.0.0.1, 8265 or the next free port
+        include_dashboard=None,
+    )
     return ray

@@ -105,3 +105,210 @@ def test_verbose_flag_sets_the_log_level(monkeypatch):
     assert main(["finetune", "--verbose", "--print-config"]) == 0
     assert os.environ["LONGTUNE_LOG_LEVEL"] == "info"
     monkeypatch.delenv("LONGTUNE_LOG_LEVEL")
+
+
+# ------------------------------------------------------------------ a quiet terminal (#18)
+
+from longtune.runtime import _LOCAL_NOISE, _NOISE  # noqa: E402
+
+_CLEANER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+_AUTOSCALER = "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client"
+_TOKEN = "ray._private.authentication.authentication_token_setup"
+_EXECUTOR = "ray.data._internal.execution.streaming_executor"
+
+
+@pytest.fixture
+def noise_filters():
+    """Takes the filters drop_ray_noise adds off the loggers again."""
+    import logging
+
+    from longtune.runtime import _DropNoise
+
+    yield
+    for name, _ in _NOISE + _LOCAL_NOISE:
+        logger = logging.getLogger(name)
+        for f in [f for f in logger.filters if isinstance(f, _DropNoise)]:
+            logger.removeFilter(f)
+
+
+def _shown(logger_name: str, message: str) -> bool:
+    import logging
+
+    logger = logging.getLogger(logger_name)
+    return bool(logger.filter(logging.LogRecord(logger_name, logging.WARNING, __file__, 1, message, None, None)))
+
+
+_RAY_LINES = [  # (logger, message as Ray 2.60 logs it, dropped in a local Ray)
+    (_CLEANER, "Failed to query Ray Train Controller actor state. State API may be temporarily unavailable. "
+               "Continuing to monitor.", True),
+    (_CLEANER, "Detected that the Ray Train controller actor (x) is dead. Cleaning up placement group = [y] "
+               "created by this run.", False),
+    (_AUTOSCALER, "Failed to send resource request for train-x. If this only happens transiently during network "
+                  "partition or CPU being overloaded, it's safe to ignore this error.", True),
+    (_TOKEN, "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.", True),
+    ("ray.data._internal.progress", "Progress bars disabled. To enable, set "
+                                    "`ray.data.DataContext.get_current().enable_progress_bars = True`.", True),
+    (_EXECUTOR, "\N{HEAVY CHECK MARK}\N{VARIATION SELECTOR-16}  Dataset train_x execution finished in 30.08 seconds",
+     True),
+    (_EXECUTOR, "\N{WARNING SIGN}\N{VARIATION SELECTOR-16}  Dataset train_x execution failed", False),
+]
+
+
+@pytest.mark.parametrize("level", [None, "info"])
+def test_a_local_rays_noise_is_dropped_and_every_other_message_kept(level, monkeypatch, noise_filters):
+    """Each message longtune drops in a Ray it started is dropped by its logger and opening
+    words, the same loggers' other messages stay, and LONGTUNE_LOG_LEVEL=info (--verbose)
+    keeps them all."""
+    from longtune.runtime import drop_ray_noise
+
+    monkeypatch.delenv("LONGTUNE_LOG_LEVEL", raising=False)
+    if level:
+        monkeypatch.setenv("LONGTUNE_LOG_LEVEL", level)
+    drop_ray_noise(local=True)
+    drop_ray_noise(local=True)  # a second call (the driver, then a worker hook) adds nothing
+    shown = [_shown(name, message) for name, message, _ in _RAY_LINES]
+    assert shown == [bool(level) or not dropped for _, _, dropped in _RAY_LINES]
+
+
+def test_a_joined_cluster_keeps_the_autoscaling_and_token_warnings(monkeypatch, noise_filters):
+    """A cluster longtune joins may have an autoscaler that reads Ray Train's resource
+    requests, and its own authentication: those warnings stay; the rest is dropped."""
+    from longtune.runtime import drop_ray_noise
+
+    monkeypatch.delenv("LONGTUNE_LOG_LEVEL", raising=False)
+    drop_ray_noise(local=False)
+    local_only = {name for name, _ in _LOCAL_NOISE}
+    shown = [_shown(name, message) for name, message, _ in _RAY_LINES]
+    assert shown == [name in local_only or not dropped for name, _, dropped in _RAY_LINES]
+
+
+def test_a_workers_state_api_asks_its_own_cluster(ray_local):
+    """With another Ray on the machine, Ray's state API in a worker would ask the newest
+    `ray start` cluster (where Ray Train's PlacementGroupCleaner finds no controller, takes
+    it for dead and removes the run's placement group) or fail: every worker of the job names
+    its own cluster."""
+
+    @ray_local.remote
+    def api_address() -> tuple:
+        return os.environ.get("RAY_API_SERVER_ADDRESS"), ray_local.get_runtime_context().gcs_address
+
+    asked, own = ray_local.get(api_address.remote())
+    assert asked == own == ray_local.get_runtime_context().gcs_address
+
+
+_LOCAL_RAY = """
+from longtune.config import load_config
+from longtune.runtime import init_ray, quiet_libraries
+quiet_libraries()  # as the CLI does
+ray = init_ray(load_config(None, ["scaling.local_num_cpus=2"]))
+import ray.data
+
+@ray.remote(num_cpus=0)
+class Probe:
+    def alive(self, actor_id):
+        # what Ray Train's PlacementGroupCleaner asks about the run's controller, once a second
+        from ray.train.v2._internal.state.util import is_actor_alive
+        return is_actor_alive(actor_id, timeout=30)
+
+@ray.remote
+def rows(ds):  # as a Ray Train worker runs the dataset it is handed
+    return len(ds.take_all())
+
+probe = Probe.remote()
+print("alive:", ray.get(probe.alive.remote(probe._actor_id.hex())), flush=True)
+ds = ray.data.from_items([{"x": i} for i in range(50)], override_num_blocks=5).map_batches(lambda b: b)
+print("rows:", ray.get(rows.remote(ds)), flush=True)
+ray.shutdown()
+"""
+
+
+def test_a_local_ray_serves_the_state_api_and_starts_quietly(tmp_path):
+    """A Ray that longtune starts (here in a fresh home, as on a user's first run, with stdout
+    not a terminal) answers Ray Train's state-API question about its controller (without the
+    dashboard's modules it fails once a second), and the driver shows no Ray start-up INFO,
+    no token-authentication notice, no Ray Data progress bar or execution lines."""
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LONGTUNE_LOG_LEVEL", "RAY_"))}
+    env["HOME"] = str(home)
+    done = subprocess.run([sys.executable, "-c", _LOCAL_RAY], capture_output=True, text=True, env=env,
+                          timeout=400, cwd=tmp_path)
+    shown = done.stdout + done.stderr
+    assert done.returncode == 0, shown
+    assert "alive: True" in shown and "rows: 50" in shown
+    noise = ["Started a local Ray instance", "Token authentication", "authentication token", "Progress bars",
+             "Running Dataset", "Starting execution", "execution finished", "State API"]
+    assert [line for line in noise if line in shown] == [], shown
+
+
+@pytest.mark.parametrize("level, ray_level", [(None, "WARNING"), ("info", "INFO")])
+def test_a_local_ray_is_asked_for_its_info_lines_only_when_verbose(level, ray_level, monkeypatch, noise_filters):
+    import logging
+
+    import ray
+
+    from longtune.runtime import init_ray
+
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if not k.startswith("RAY_")})
+    os.environ.pop("LONGTUNE_LOG_LEVEL", None)
+    if level:
+        os.environ["LONGTUNE_LOG_LEVEL"] = level
+    started = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: started.append(kwargs))
+    init_ray(load_config(None, []))
+    (kwargs,) = started
+    assert kwargs["logging_level"] == getattr(logging, ray_level)
+    assert kwargs["include_dashboard"] is not False  # the state API lives in the dashboard's process
+    assert kwargs["runtime_env"]["env_vars"]["LONGTUNE_LOCAL_RAY"] == "1"
+    # no preemption watcher in a local Ray (its start logs a core-worker error)
+    assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+
+
+@pytest.mark.parametrize("level", [None, "info"])
+def test_datasets_the_driver_creates_draw_no_progress_bars_unless_verbose(level, monkeypatch):
+    from ray.data import DataContext
+
+    from longtune.runtime import quiet_ray_data
+
+    monkeypatch.delenv("LONGTUNE_LOG_LEVEL", raising=False)
+    if level:
+        monkeypatch.setenv("LONGTUNE_LOG_LEVEL", level)
+    context = DataContext.get_current()
+    saved = context.enable_progress_bars, context.print_on_execution_start
+    try:
+        context.enable_progress_bars = context.print_on_execution_start = True
+        quiet_ray_data()
+        assert (context.enable_progress_bars, context.print_on_execution_start) == (bool(level), bool(level))
+    finally:
+        context.enable_progress_bars, context.print_on_execution_start = saved
+
+
+@pytest.mark.parametrize("level, train_level", [(None, "WARNING"), ("info", "INFO")])
+def test_ray_trains_info_lines_show_only_when_verbose(level, train_level, monkeypatch):
+    from longtune.train.trainer import train_logging
+
+    monkeypatch.delenv("LONGTUNE_LOG_LEVEL", raising=False)
+    if level:
+        monkeypatch.setenv("LONGTUNE_LOG_LEVEL", level)
+    assert train_logging()["logging_config"].log_level == train_level
+
+
+def test_the_ingest_options_are_the_data_contexts_without_rays_deprecation_warning():
+    """DataConfig.default_ingest_options() warns at every run that exclude_resources is
+    deprecated (Ray 2.60); the ingest options copy the DataContext's without it."""
+    import warnings
+
+    from ray.data import DataContext
+
+    from longtune.train.ingest import ingest_config
+
+    context = DataContext.get_current().execution_options
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*exclude_resources")
+        options = ingest_config(2)._user_execution_options
+    assert options.preserve_order is True
+    assert (options.resource_limits, options.exclude_resources) == (context.resource_limits, context.exclude_resources)

@@ -14,6 +14,9 @@ blocks than the ones it had trained on.
 
 from __future__ import annotations
 
+import copy
+
+from ray.data import DataContext
 from ray.train import DataConfig
 
 
@@ -52,6 +55,9 @@ class SequenceParallelDataConfig(DataConfig):
 
 
 def ingest_config(sequence_parallel: int = 1) -> DataConfig:
-    options = DataConfig.default_ingest_options()
+    # The DataContext's options, as DataConfig.default_ingest_options() would take them; that
+    # passes them through ExecutionOptions' deprecated exclude_resources argument, which warns
+    # at every run (Ray 2.60). A copy takes every option without it.
+    options = copy.deepcopy(DataContext.get_current().execution_options)
     options.preserve_order = True
     return SequenceParallelDataConfig(sequence_parallel, datasets_to_split=["train"], execution_options=options)

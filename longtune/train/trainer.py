@@ -113,10 +113,26 @@ def build_trainer(
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             callbacks=callbacks,
+            **train_logging(),
         ),
         datasets=datasets,
         dataset_config=ingest_config(s.sequence_parallel),
     )
+
+
+def train_logging() -> dict:
+    """RunConfig's logging_config: Ray Train's INFO lines on the console (the worker group
+    requested, started and listed worker by worker, the process group set up, each
+    checkpoint's path) only when ``LONGTUNE_LOG_LEVEL`` asks for them; longtune prints the
+    run's checkpoint itself. Ray Train's own log files keep every level. Empty on a Ray
+    Train older than its LoggingConfig."""
+    try:
+        from ray.train import LoggingConfig
+    except ImportError:
+        return {}
+    from longtune.runtime import verbose
+
+    return {"logging_config": LoggingConfig(log_level="INFO" if verbose() else "WARNING")}
 
 
 def ingest_config(sequence_parallel: int = 1):

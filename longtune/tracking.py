@@ -19,6 +19,13 @@ present) are MLflow's own ``SystemMetricsMonitor`` started on the run with the s
 URI (what ``mlflow.start_run(log_system_metrics=True)`` does, without the global state);
 it needs ``psutil``.
 
+Metric names are longtune's own inside (what Ray Train reports and Ray Tune's scheduler
+reads: ``loss``, ``eval_loss``, ``ppl_1024``, ...); ``log_metrics`` writes them under the
+names ``metric_name`` gives (``train/loss``, ``eval/loss``, ``eval/ppl_1024``, ...), so the
+MLflow UI shows one chart section per group instead of one alphabetical list. The
+experiment is tagged ``mlflow.experimentKind=finetuning`` (the kind MLflow's UI files under
+"Model training") and a run's description (``mlflow.note.content``) says what was trained.
+
 With ``tracking.enabled: false`` every method is a no-op that does not import MLflow.
 """
 
@@ -53,6 +60,10 @@ MAX_KEY = 250  # MAX_ENTITY_KEY_LENGTH
 PARAMS_PER_BATCH = 100  # MAX_PARAMS_TAGS_PER_BATCH
 METRICS_PER_BATCH = 1000  # MAX_METRICS_PER_BATCH
 TRUNCATED = "...[truncated]"
+MAX_TAG_VALUE = 8000  # MAX_TAG_VAL_LENGTH
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "finetuning"  # one of the kinds MLflow's UI knows; its "Model training" view
+DESCRIPTION_TAG = "mlflow.note.content"  # the run's description in MLflow's UI (markdown)
 
 
 # ---------------------------------------------------------------- where to log
@@ -265,21 +276,41 @@ class Tracker:
         text = config if isinstance(config, str) else config.to_yaml()
         self.client.log_text(self.run_id, text, artifact_file)
 
+    def set_description(self, text: str) -> None:
+        """The run's description (markdown), shown on its Overview page in MLflow's UI; cut
+        to MLflow's 8000 characters for a tag, with a visible marker."""
+        if not self._active():
+            return
+        if len(text) > MAX_TAG_VALUE:
+            text = text[: MAX_TAG_VALUE - len(TRUNCATED)] + TRUNCATED
+        self.client.set_tag(self.run_id, DESCRIPTION_TAG, text)
+
     # ------------------------------------------------------------ metrics
 
     def log_metrics(
         self, metrics: Mapping[str, Any], step: int, timestamp_ms: int | None = None
     ) -> None:
-        """Log numeric metrics at ``step`` (values passed through float(): tensors, numpy
-        scalars and Python numbers all work; None values are skipped)."""
+        """Log numeric metrics at ``step`` under their MLflow names (``metric_name``: ``loss``
+        is logged as ``train/loss``; a name with a ``/`` as it is; table-only figures not at
+        all). Values pass through float(): tensors, numpy scalars and Python numbers all work;
+        None values are skipped. Two keys that land on one MLflow name are refused."""
         if not self._active():
             return
         from mlflow.entities import Metric
 
         ts = timestamp_ms if timestamp_ms is not None else int(time.time() * 1000)
-        entities = [
-            Metric(_key(k), float(v), ts, int(step)) for k, v in metrics.items() if v is not None
-        ]
+        named: dict[str, tuple[str, Any]] = {}
+        for key, value in metrics.items():
+            name = metric_name(str(key))
+            if value is None or name is None:
+                continue
+            if name in named:
+                raise ValueError(
+                    f"metrics {named[name][0]!r} and {key!r} would both be logged as MLflow metric {name!r}; "
+                    "rename one of them"
+                )
+            named[name] = (str(key), value)
+        entities = [Metric(_key(name), float(v), ts, int(step)) for name, (_, v) in named.items()]
         for chunk in _chunks(entities, METRICS_PER_BATCH):
             self.client.log_batch(self.run_id, metrics=chunk)
 
@@ -298,6 +329,20 @@ class Tracker:
             self.client.log_artifact(self.run_id, str(local), artifact_path)
         else:
             raise FileNotFoundError(f"cannot log artifact {str(local)!r}: no such file or directory")
+
+    def log_table(self, columns: Mapping[str, Sequence[Any]], artifact_file: str) -> None:
+        """A table (column name -> values, all columns the same length) as MLflow's table
+        artifact ``artifact_file`` (``.json``): MLflow's UI shows it as a table, and
+        ``MlflowClient.load_table`` reads it back as a DataFrame. Logging to a file that
+        already holds a table appends the rows (MLflow's behaviour)."""
+        if not self._active():
+            return
+        if not artifact_file.endswith(".json"):
+            raise ValueError(f"a table artifact's file must end in .json, got {artifact_file!r}")
+        lengths = {name: len(values) for name, values in columns.items()}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"table columns must have one length, got {lengths}")
+        self.client.log_table(self.run_id, {k: list(v) for k, v in columns.items()}, artifact_file)
 
     def log_loss_curve(
         self,
@@ -341,7 +386,8 @@ class Tracker:
             raise ValueError(f"MLflow run {run_id!r} not found in {self.tracking_uri}") from exc
 
     def _experiment_id(self) -> str:
-        """Get or create the experiment (safe when several processes race to create it)."""
+        """Get or create the experiment (safe when several processes race to create it),
+        tagged as a fine-tuning experiment unless someone chose another kind for it."""
         from mlflow.exceptions import MlflowException
 
         name = self.experiment_name
@@ -353,9 +399,15 @@ class Tracker:
                         f"MLflow experiment {name!r} is deleted in {self.tracking_uri}: restore it "
                         "(`mlflow experiments restore`) or set tracking.experiment_name"
                     )
+                if _kind_to_set(experiment.tags.get(EXPERIMENT_KIND_TAG)):
+                    # an experiment made before longtune tagged its experiments, or by hand
+                    self.client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
                 return experiment.experiment_id
             try:
-                return self.client.create_experiment(name, artifact_location=self._artifact_location(name))
+                return self.client.create_experiment(
+                    name, artifact_location=self._artifact_location(name),
+                    tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+                )
             except MlflowException:
                 time.sleep(0.2)  # another process created it first: read it back
         raise RuntimeError(f"could not get or create MLflow experiment {name!r} in {self.tracking_uri}")
@@ -430,6 +482,18 @@ def start_job_run(
     return tracker
 
 
+def read_table(client: "MlflowClient", run_id: str, artifact_file: str):
+    """A table artifact of ``run_id`` (``Tracker.log_table``) as a pandas DataFrame. What
+    ``MlflowClient.load_table`` does, without its search through the *global* tracking URI
+    (MLflow 3.17 looks the runs up with the fluent ``mlflow.search_runs``, which misses a
+    client's own store)."""
+    import pandas as pd
+
+    with tempfile.TemporaryDirectory(prefix="longtune-table-") as tmp:
+        local = client.download_artifacts(run_id, artifact_file, tmp)
+        return pd.read_json(local, orient="split")
+
+
 def find_run(cfg: TrackingConfig, tags: Mapping[str, str]) -> str | None:
     """The newest run of ``cfg``'s experiment carrying every one of ``tags`` (e.g. a search's
     run found again on resume), or None."""
@@ -457,21 +521,99 @@ def loss_curves(tracker: Tracker) -> dict[str, list[tuple[int, float]]]:
     Train V2's Result keeps only the metrics reported with checkpoints)."""
     out = {}
     for name, metric in (("train", "loss"), ("eval", "eval_loss")):
-        history = tracker.client.get_metric_history(tracker.run_id, metric)
+        history = tracker.client.get_metric_history(tracker.run_id, metric_name(metric))
         if history:
             out[name] = [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)]
     return out
 
 
+# ---------------------------------------------------------------- MLflow's names
+
+
+# What one training run reports (train/loop.py, the adapters' training hooks): its own
+# section of charts in MLflow's UI.
+TRAIN_METRICS = frozenset({
+    "loss", "lr", "tokens_per_s", "step_time_s", "peak_memory_mb", "tokens_seen", "epoch",
+    "loss_scale", "skipped_steps", "resumed_from_step", "rank_budget", "ranks_kept", "orth_loss",
+})
+# A search's figures (tune/mlflow_runs.py): final_<tune.metric> and steps_run on a trial,
+# best_<tune.metric> and the trial counts on the search.
+TUNE_METRICS = re.compile(r"(final_|best_).+|trials_(completed|stopped_early|failed)|steps_run")
+EVAL_METRICS = {
+    "eval_loss": "eval/loss",  # the held-out loss the training loop scores at checkpoints
+    "eval_ppl": "eval/ppl",
+    "ppl_vs_length": "eval/ppl_vs_length",  # longtune evaluate: step = the length
+    "passkey_acc_vs_length": "eval/passkey_vs_length",
+}
+_BY_LENGTH = ((re.compile(r"ppl_(\d+)"), "eval/ppl_{}"), (re.compile(r"passkey_acc_(\d+)"), "eval/passkey_{}"))
+# ln(ppl_<L>) and the scored-token count, the same at every length and before and after
+# training: columns of the run's tables (before_after.json, eval/results.json, ...), not charts
+TABLE_ONLY = re.compile(r"eval_(nll|tokens)_\d+")
+
+
+def metric_name(key: str) -> str | None:
+    """The MLflow name of longtune's metric ``key``; the part before the ``/`` is the section
+    MLflow's UI puts its chart in (sections in alphabetical order: eval, train, tune).
+
+    ``loss``, ``lr``, ``tokens_per_s``, ... -> ``train/<key>``; ``eval_loss`` -> ``eval/loss``,
+    ``eval_ppl`` -> ``eval/ppl``; ``ppl_<L>`` -> ``eval/ppl_<L>``; ``passkey_acc_<L>`` ->
+    ``eval/passkey_<L>``; ``train_<key>`` (a compared model's training figures) -> the name
+    of ``<key>``; ``final_*``, ``best_*``, ``trials_*``, ``steps_run`` -> ``tune/<key>``;
+    ``eval_nll_<L>`` and ``eval_tokens_<L>`` -> None (not logged: they are in the tables).
+    A key that already has a ``/`` (MLflow's ``system/...``, a caller's own group) and any
+    other key are kept as they are."""
+    if "/" in key:
+        return key
+    if key in TRAIN_METRICS:
+        return f"train/{key}"
+    if key in EVAL_METRICS:
+        return EVAL_METRICS[key]
+    for pattern, name in _BY_LENGTH:
+        match = pattern.fullmatch(key)
+        if match:
+            return name.format(match.group(1))
+    if TABLE_ONLY.fullmatch(key):
+        return None
+    if key.startswith("train_"):
+        inner = key.removeprefix("train_")
+        if inner in TRAIN_METRICS or inner in EVAL_METRICS:
+            return metric_name(inner)
+    if TUNE_METRICS.fullmatch(key):
+        return f"tune/{key}"
+    return key
+
+
+def _kind_to_set(kind: str | None) -> bool:
+    """Whether an experiment whose kind tag is ``kind`` should get ours: no kind, or one
+    MLflow's UI only guessed (``*_inferred``, ``no_inferred_type``); a kind a person chose
+    is kept."""
+    return not kind or kind == "no_inferred_type" or kind.endswith("_inferred")
+
+
 # ---------------------------------------------------------------- helpers
 
 
-def ui_hint(tracking_uri: str) -> str:
+UI_PORT = 5000  # `mlflow ui`'s default port
+
+
+def run_url(base_url: str, experiment_id: str, run_id: str) -> str:
+    """The page of a run's metric charts in MLflow's UI at ``base_url``. MLflow 3's UI opens
+    in its GenAI view (traces, latency, token usage) unless told otherwise: the
+    ``workflowType`` parameter asks for the "Model training" view."""
+    return (f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}/model-metrics"
+            "?workflowType=machine_learning")
+
+
+def ui_hint(tracking_uri: str, experiment_id: str | None = None, run_id: str | None = None) -> str:
     """How to look at runs in ``tracking_uri``: a store is opened with `mlflow ui`; a
-    tracking server already is the UI."""
-    if tracking_uri.startswith(("http://", "https://")):
-        return f"Open it at: {tracking_uri}"
-    return f"Open it with: mlflow ui --backend-store-uri {tracking_uri}"
+    tracking server already is the UI. With the run's ids, the link to its charts too."""
+    server = tracking_uri.startswith(("http://", "https://"))
+    base = tracking_uri if server else f"http://127.0.0.1:{UI_PORT}"
+    link = f"{run_url(base, experiment_id, run_id)}" if experiment_id and run_id else None
+    if server:
+        return f"Open it at: {link or tracking_uri}"
+    hint = f"Open it with: mlflow ui --backend-store-uri {tracking_uri} --port {UI_PORT}"
+    return f"{hint}\nthen open: {link}" if link else hint
 
 
 def param_value(value: Any) -> str:
@@ -554,15 +696,22 @@ def _context_tags() -> dict[str, str]:
 
 __all__ = [
     "DEFAULT_EXPERIMENT",
+    "DESCRIPTION_TAG",
+    "EXPERIMENT_KIND",
+    "EXPERIMENT_KIND_TAG",
     "PARENT_RUN_TAG",
     "RUN_STATUSES",
     "Tracker",
     "find_run",
     "loss_curves",
+    "metric_name",
     "param_value",
     "plot_loss_curve",
+    "read_table",
     "resolve_experiment",
     "resolve_tracking_uri",
     "resolved_config",
+    "run_url",
     "start_job_run",
+    "ui_hint",
 ]

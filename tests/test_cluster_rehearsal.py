@@ -63,7 +63,7 @@ def test_rehearsal_submits_the_default_recipe_and_cleans_up(tmp_path, tiny_model
     run = result.run
     assert run is not None, "no MLflow run named rehearsal"
     assert run["status"] == "FINISHED"
-    assert {"loss", "eval_loss", "tokens_per_s"} <= set(run["metrics"])
+    assert {"train/loss", "eval/loss", "train/tokens_per_s"} <= set(run["metrics"])
     assert {"adapter", "config.yaml"} <= set(run["artifacts"])  # through the server's artifact proxy
     # the job ran in the working dir it uploaded and wrote where it was told
     assert list((workdir / "checkpoints" / "rehearsal").glob("checkpoint_*/adapter/adapter_config.json"))

@@ -42,3 +42,34 @@ def test_settings_that_would_fail_after_training_fail_now(tiny_tokenizer_path):
         check_eval_settings(load_config(None, ["eval.stride=512"]), tokenizer)
     with pytest.raises(EvalError, match="eval.passkey_lengths: 8 is too short"):
         check_eval_settings(load_config(None, ["eval.passkey_lengths=[8]"]), tokenizer)
+
+
+def test_markdown_table_for_a_runs_description():
+    from longtune.eval.compare import comparison_markdown
+
+    results = {
+        "before training": {"ppl_256": 40.123, "ppl_1024": 39.0, "passkey_acc_256": 0.5, "passkey_acc_1024": 0.0},
+        "after | tuned": {"ppl_256": 37.5, "passkey_acc_256": 1.0},
+    }
+    assert comparison_markdown(results, [256, 1024]).splitlines() == [
+        "| model | ppl @ 256 | ppl @ 1,024 | passkey @ 256 | passkey @ 1,024 |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        "| before training | 40.12 | 39.00 | 50% | 0% |",
+        "| after \\| tuned | 37.50 | - | 100% | - |",
+    ]
+
+
+def test_table_columns_order_figures_by_length():
+    from longtune.eval.compare import comparison_columns
+
+    results = {
+        "before training": {"ppl_1024": 39.0, "ppl_256": 40.0, "eval_nll_256": 3.7, "eval_tokens_256": 640.0,
+                            "passkey_acc_1024": 0.0, "passkey_acc_256": 0.5},
+        "after training": {"ppl_256": 37.5, "ppl_1024": 30.0, "train_loss": 2.0},
+    }
+    columns = comparison_columns(results)
+    assert list(columns) == ["model", "ppl_256", "ppl_1024", "passkey_256", "passkey_1024", "nll_256",
+                             "tokens_256", "train_loss"]
+    assert columns["model"] == ["before training", "after training"]
+    assert columns["ppl_1024"] == [39.0, 30.0] and columns["passkey_256"] == [0.5, None]
+    assert columns["train_loss"] == [None, 2.0]

@@ -62,6 +62,8 @@ def overrides(tmp_path: Path, corpus: str) -> list[str]:
 def test_evaluate_logs_metrics_and_plots(tmp_path, tiny_model_dir, adapter_dir, corpus_dir, capsys):
     from mlflow import MlflowClient
 
+    from longtune.tracking import read_table
+
     # --lengths takes every word after it (nargs="+"), so the overrides come first
     rc = main(["evaluate", "--model", tiny_model_dir, "--adapter", adapter_dir,
                *overrides(tmp_path, corpus_dir), "--lengths", "64", "128", "256"])
@@ -77,10 +79,18 @@ def test_evaluate_logs_metrics_and_plots(tmp_path, tiny_model_dir, adapter_dir, 
     assert run.info.status == "FINISHED"
     metrics = run.data.metrics
     for n in (64, 128, 256):
-        assert metrics[f"ppl_{n}"] > 1 and metrics[f"eval_nll_{n}"] > 0
-        assert metrics[f"eval_tokens_{n}"] == 640  # the cap: 10 spans of 64, at every length
-    assert 0 <= metrics["passkey_acc_256"] <= 1
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "ppl_vs_length")] == [64, 128, 256]
+        assert metrics[f"eval/ppl_{n}"] > 1
+    assert 0 <= metrics["eval/passkey_256"] <= 1
+    # ln(ppl) and the scored-token count are the table's columns, not charts
+    assert all(k.startswith("eval/") for k in metrics), sorted(metrics)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/ppl_vs_length")] == [64, 128, 256]
+    table = read_table(client, run.info.run_id, "eval_table.json")
+    assert list(table["length"]) == [64, 128, 256]
+    assert list(table["tokens"]) == [640] * 3  # the cap: 10 spans of 64, at every length
+    assert (table["nll"] > 0).all()
+    assert list(table["ppl"]) == pytest.approx([metrics[f"eval/ppl_{n}"] for n in (64, 128, 256)])
+    described = run.data.tags["mlflow.note.content"]
+    assert f"+ adapter `{adapter_dir}`" in described and "| 256 |" in described
     assert run.data.params["model.adapter_path"] == adapter_dir
     assert run.data.params["resolved.rope_factor"] == "4.0"
 
@@ -100,7 +110,7 @@ def test_evaluate_logs_metrics_and_plots(tmp_path, tiny_model_dir, adapter_dir, 
     base, _ = load_model(config.model, for_training=False)
     base_metrics = evaluate_model(base, load_tokenizer_for(config.model), config, progress=False)
     assert set(base_metrics) == {f"{k}_{n}" for k in ("ppl", "eval_nll", "eval_tokens") for n in (64, 128, 256)}
-    assert abs(base_metrics["eval_nll_256"] - metrics["eval_nll_256"]) > 1e-3
+    assert abs(base_metrics["eval_nll_256"] - table["nll"][2]) > 1e-3
 
 
 def test_held_out_documents_are_the_eval_split(tmp_path, tiny_model_dir, corpus_dir):

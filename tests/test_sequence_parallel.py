@@ -323,7 +323,7 @@ def test_finetune_with_two_workers_sharing_each_sequence(ray_local, tmp_path, ti
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
 
     def losses(run_id):
-        history = sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.timestamp)
+        history = sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.timestamp)
         return {m.step: m.value for m in history}  # the last value of a step wins (after the restart)
 
     a, b = losses(single.mlflow_run_id), losses(sharded.mlflow_run_id)
@@ -332,7 +332,7 @@ def test_finetune_with_two_workers_sharing_each_sequence(ray_local, tmp_path, ti
         assert b[step] == pytest.approx(a[step], rel=1e-5), step
     assert a[5] != a[1]
     assert marker.read_text() == "4"
-    assert [int(m.value) for m in client.get_metric_history(sharded.mlflow_run_id, "resumed_from_step")] == [2]
+    assert [int(m.value) for m in client.get_metric_history(sharded.mlflow_run_id, "train/resumed_from_step")] == [2]
     records = read_records(tmp_path / "blocks")
     assert records[0] and records[0] == records[1]  # both ranks of the group trained on the same blocks
     assert records[0] == read_records(tmp_path / "single_blocks")[0]  # the blocks one worker trains on

@@ -15,13 +15,20 @@ import yaml
 
 from longtune.config import Config, TrackingConfig, load_config
 from longtune.tracking import (
+    DESCRIPTION_TAG,
+    EXPERIMENT_KIND_TAG,
     PARENT_RUN_TAG,
     Tracker,
+    loss_curves,
+    metric_name,
     param_value,
     plot_loss_curve,
+    read_table,
     resolve_experiment,
     resolve_tracking_uri,
     resolved_config,
+    run_url,
+    ui_hint,
 )
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -213,7 +220,7 @@ def test_reattach_from_another_process_logs_into_the_same_run(cfg, tmp_path):
 
     run = client(cfg).get_run(run_id)
     assert run.info.status == "RUNNING"  # the worker did not end the driver's run
-    history = client(cfg).get_metric_history(run_id, "loss")
+    history = client(cfg).get_metric_history(run_id, "train/loss")
     assert [(m.step, m.value) for m in history] == [(0, 3.0), (1, 2.0)]
     assert run.data.params["worker.world_size"] == "2"
     assert "worker/note.txt" in artifact_paths(cfg, run_id)
@@ -234,6 +241,126 @@ def test_system_metrics(cfg):
     keys = set(client(cfg).get_run(run_id).data.metrics)
     assert "system/cpu_utilization_percentage" in keys
     assert "system/system_memory_usage_megabytes" in keys
+
+
+# ---------------------------------------------------------------- how MLflow's UI shows it
+
+
+@pytest.mark.parametrize("key, name", [
+    # what the training loop reports (train/loop.py), the adapters' hooks included
+    ("loss", "train/loss"), ("lr", "train/lr"), ("tokens_per_s", "train/tokens_per_s"),
+    ("step_time_s", "train/step_time_s"), ("peak_memory_mb", "train/peak_memory_mb"),
+    ("tokens_seen", "train/tokens_seen"), ("epoch", "train/epoch"), ("ranks_kept", "train/ranks_kept"),
+    ("orth_loss", "train/orth_loss"), ("loss_scale", "train/loss_scale"),
+    ("resumed_from_step", "train/resumed_from_step"),
+    # held-out scores: the loop's, and by length (evaluate, before/after, replicate)
+    ("eval_loss", "eval/loss"), ("eval_ppl", "eval/ppl"), ("ppl_1024", "eval/ppl_1024"),
+    ("passkey_acc_1024", "eval/passkey_1024"), ("ppl_vs_length", "eval/ppl_vs_length"),
+    ("passkey_acc_vs_length", "eval/passkey_vs_length"),
+    ("eval_nll_1024", None), ("eval_tokens_1024", None),  # in the tables only
+    # a compared model's training figures (replicate), a search's figures (tune)
+    ("train_loss", "train/loss"), ("train_eval_loss", "eval/loss"), ("train_step_time_s", "train/step_time_s"),
+    ("final_eval_loss", "tune/final_eval_loss"), ("best_loss", "tune/best_loss"),
+    ("trials_stopped_early", "tune/trials_stopped_early"), ("steps_run", "tune/steps_run"),
+    # grouped already, or nobody's we know: as they are
+    ("system/cpu_utilization_percentage", "system/cpu_utilization_percentage"), ("train/loss", "train/loss"),
+    ("trainable_params", "trainable_params"), ("train_other", "train_other"),
+])
+def test_metric_names_are_grouped_for_mlflow(key, name):
+    assert metric_name(key) == name
+
+
+def test_metrics_are_logged_under_their_mlflow_names(cfg):
+    tracker = Tracker(cfg)
+    run_id = tracker.start_run()
+    tracker.log_metrics({"loss": 2.0, "eval_loss": 2.5, "ppl_256": 9.0, "passkey_acc_256": 0.5,
+                         "eval_nll_256": 2.2, "eval_tokens_256": 640, "mine": 1, "system/x": 3}, step=4)
+    assert loss_curves(tracker) == {"train": [(4, 2.0)], "eval": [(4, 2.5)]}  # read back by our names
+    with pytest.raises(ValueError, match="'loss' and 'train/loss' would both be logged as MLflow metric 'train/loss'"):
+        tracker.log_metrics({"loss": 1.0, "train/loss": 1.0}, step=5)
+    tracker.end_run()
+    assert client(cfg).get_run(run_id).data.metrics == {
+        "train/loss": 2.0, "eval/loss": 2.5, "eval/ppl_256": 9.0, "eval/passkey_256": 0.5, "mine": 1.0,
+        "system/x": 3.0,
+    }
+
+
+def test_the_training_loops_report_charts_no_step_and_no_epoch_before_the_data_repeats(cfg):
+    from longtune.train.loop import _tracked
+
+    report = {"step": 10, "loss": 2.0, "lr": 1e-4, "tokens_per_s": 900.0, "step_time_s": 0.5,
+              "peak_memory_mb": 300.0, "tokens_seen": 5120, "epoch": 0}
+    tracker = Tracker(cfg)
+    run_id = tracker.start_run()
+    tracker.log_metrics(_tracked(report), step=10)
+    tracker.log_metrics(_tracked({**report, "step": 20, "epoch": 1}), step=20)
+    tracker.end_run()
+    metrics = client(cfg).get_run(run_id).data.metrics
+    assert sorted(metrics) == ["train/epoch", "train/loss", "train/lr", "train/peak_memory_mb",
+                               "train/step_time_s", "train/tokens_per_s", "train/tokens_seen"]
+    assert [(m.step, m.value) for m in client(cfg).get_metric_history(run_id, "train/epoch")] == [(20, 1.0)]
+
+
+def test_experiment_is_tagged_as_finetuning(cfg):
+    tracker = Tracker(cfg)
+    tracker.start_run()
+    tracker.end_run()
+    experiment = client(cfg).get_experiment(tracker.experiment_id)
+    assert experiment.tags[EXPERIMENT_KIND_TAG] == "finetuning"
+
+
+@pytest.mark.parametrize("before, after", [
+    (None, "finetuning"),  # made before longtune tagged its experiments
+    ("genai_development_inferred", "finetuning"),  # a guess of MLflow's UI
+    ("no_inferred_type", "finetuning"),
+    ("custom_model_development", "custom_model_development"),  # a person's choice stays
+])
+def test_an_existing_experiment_gets_the_kind_unless_one_was_chosen(cfg, before, after):
+    mlflow = client(cfg)
+    experiment_id = mlflow.create_experiment(cfg.experiment_name)
+    if before is not None:
+        mlflow.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, before)
+    tracker = Tracker(cfg)
+    tracker.start_run()
+    tracker.end_run()
+    assert tracker.experiment_id == experiment_id
+    assert mlflow.get_experiment(experiment_id).tags[EXPERIMENT_KIND_TAG] == after
+
+
+def test_description_and_table(cfg):
+    tracker = Tracker(cfg)
+    run_id = tracker.start_run()
+    tracker.set_description("**hello**\n\n| a | b |\n| --- | --- |\n| 1 | 2 |")
+    tracker.log_table({"model": ["before training", "after training"], "ppl_256": [9.5, 7.25]}, "before_after.json")
+    with pytest.raises(ValueError, match="one length"):
+        tracker.log_table({"model": ["a"], "ppl_256": [1.0, 2.0]}, "bad.json")
+    with pytest.raises(ValueError, match="must end in .json"):
+        tracker.log_table({"model": ["a"]}, "table.csv")
+    tracker.set_description("x" * 9000)
+    long_text = client(cfg).get_run(run_id).data.tags[DESCRIPTION_TAG]
+    tracker.set_description("**hello**")
+    tracker.end_run()
+
+    run = client(cfg).get_run(run_id)
+    assert run.data.tags[DESCRIPTION_TAG] == "**hello**"
+    assert len(long_text) == 8000 and long_text.endswith("[truncated]")
+    # MLflow's UI finds table artifacts through this tag
+    assert {"path": "before_after.json", "type": "table"} in json.loads(run.data.tags["mlflow.loggedArtifacts"])
+    table = read_table(client(cfg), run_id, "before_after.json")
+    assert table.to_dict("list") == {"model": ["before training", "after training"], "ppl_256": [9.5, 7.25]}
+
+
+def test_ui_hint_links_the_runs_charts_in_the_model_training_view():
+    url = run_url("http://127.0.0.1:5000/", "3", "abc")
+    assert url == "http://127.0.0.1:5000/#/experiments/3/runs/abc/model-metrics?workflowType=machine_learning"
+    assert ui_hint("sqlite:////data/mlflow.db", "3", "abc").splitlines() == [
+        "Open it with: mlflow ui --backend-store-uri sqlite:////data/mlflow.db --port 5000",
+        f"then open: {url}",
+    ]
+    assert ui_hint("http://mlflow.internal:5000", "3", "abc") == (
+        "Open it at: http://mlflow.internal:5000/#/experiments/3/runs/abc/model-metrics?workflowType=machine_learning"
+    )
+    assert ui_hint("sqlite:////data/mlflow.db") == "Open it with: mlflow ui --backend-store-uri sqlite:////data/mlflow.db --port 5000"
 
 
 # ---------------------------------------------------------------- off
@@ -276,5 +403,5 @@ def test_mlflow_global_state_is_ignored(cfg, tmp_path, monkeypatch):
     run_id = tracker.start_run()
     tracker.log_metrics({"loss": 1.0}, step=1)
     tracker.end_run()
-    assert client(cfg).get_run(run_id).data.metrics == {"loss": 1.0}
+    assert client(cfg).get_run(run_id).data.metrics == {"train/loss": 1.0}
     assert not elsewhere.exists()

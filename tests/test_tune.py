@@ -109,7 +109,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(search):
     # may train on for a step or two while it is being stopped)
     client = mlflow_client(tmp)
     for row in result.rows:
-        steps = [m.step for m in client.get_metric_history(row.mlflow_run_id, "eval_loss")]
+        steps = [m.step for m in client.get_metric_history(row.mlflow_run_id, "eval/loss")]
         assert steps == sorted(set(steps)) and steps[0] == 0 and row.steps in steps, (row.trial_id, steps)
 
 
@@ -153,7 +153,7 @@ def test_mlflow_parent_run_with_one_nested_run_per_trial(search):
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["longtune.job"] == "tune" and parent.data.tags["longtune.tune_name"] == "search"
     assert json.loads(parent.data.params["tune.search_space"])["train.lr"] == {"choice": [1e-2, 1e-6]}
-    assert parent.data.metrics["best_eval_loss"] == pytest.approx(result.best.objective)
+    assert parent.data.metrics["tune/best_eval_loss"] == pytest.approx(result.best.objective)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "tune")}
     assert artifacts == {"tune/best_config.yaml", "tune/results.csv", "tune/objective.png"}
     parents = client.search_runs([parent.info.experiment_id], "tags.`longtune.job` = 'tune'")
@@ -167,8 +167,8 @@ def test_mlflow_parent_run_with_one_nested_run_per_trial(search):
         assert child.data.tags["longtune.trial_outcome"] == row.outcome
         assert float(child.data.params["train.lr"]) == row.params["train.lr"]
         assert child.data.params["train.max_steps"] == "4"
-        assert child.data.metrics["final_eval_loss"] == pytest.approx(row.objective)
-        assert {"loss", "eval_loss", "step_time_s"} <= set(child.data.metrics)
+        assert child.data.metrics["tune/final_eval_loss"] == pytest.approx(row.objective)
+        assert {"train/loss", "eval/loss", "train/step_time_s", "tune/steps_run"} <= set(child.data.metrics)
         assert "plots/loss_curve.png" in {a.path for a in client.list_artifacts(child.info.run_id, "plots")}
 
 

@@ -66,6 +66,46 @@ def comparison_table(results: dict[str, dict[str, float]], lengths: list[int], t
     return table
 
 
+# a length's figures, in the order the tables show them: (metric prefix, column prefix)
+_BY_LENGTH = (("ppl_", "ppl_"), ("passkey_acc_", "passkey_"), ("eval_nll_", "nll_"), ("eval_tokens_", "tokens_"))
+
+
+def comparison_columns(results: dict[str, dict[str, float]]) -> dict[str, list]:
+    """The results as table columns (the MLflow table artifact): ``model`` (the row names),
+    then per length ``ppl_<L>``, ``passkey_<L>`` (accuracy), ``nll_<L>``, ``tokens_<L>``
+    (scored tokens), by length, then any other figure under its own name; None where a
+    model has no such figure."""
+    keys: list[str] = []
+    for metrics in results.values():
+        keys += [k for k in metrics if k not in keys]
+    columns: dict[str, list] = {"model": list(results)}
+    by_length = set()
+    for prefix, column in _BY_LENGTH:
+        found = sorted((k for k in keys if k.startswith(prefix) and k[len(prefix):].isdigit()),
+                       key=lambda k: int(k[len(prefix):]))
+        for key in found:
+            columns[column + key[len(prefix):]] = [results[m].get(key) for m in results]
+        by_length.update(found)
+    for key in keys:
+        if key not in by_length:
+            columns[key] = [results[m].get(key) for m in results]
+    return columns
+
+
+def comparison_markdown(results: dict[str, dict[str, float]], lengths: list[int]) -> str:
+    """The comparison table in markdown (a run's description in MLflow's UI): one row per
+    model, perplexity at each of ``lengths``, then passkey accuracy at each length scored."""
+    passkey = sorted({int(k.rsplit("_", 1)[1]) for r in results.values() for k in r
+                      if k.startswith("passkey_acc_") and k.rsplit("_", 1)[1].isdigit()})
+    header = ["model", *(f"ppl @ {n:,}" for n in lengths), *(f"passkey @ {n:,}" for n in passkey)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([" --- "] + [" ---: "] * (len(header) - 1)) + "|"]
+    for name, metrics in results.items():
+        cells = [f"{metrics[f'ppl_{n}']:.2f}" if f"ppl_{n}" in metrics else "-" for n in lengths]
+        cells += [f"{metrics[f'passkey_acc_{n}']:.0%}" if f"passkey_acc_{n}" in metrics else "-" for n in passkey]
+        lines.append("| " + " | ".join([name.replace("|", "\\|"), *cells]) + " |")
+    return "\n".join(lines)
+
+
 def check_eval_settings(config: Config, tokenizer) -> None:
     """Raise EvalError now for settings that would only fail once training is over: lengths
     against the stride, passkey prompts that cannot fit their length."""

@@ -5,10 +5,12 @@ Reads top to bottom: check paths (fail fast, one line) -> tokenizer and held-out
 -> base model with position interpolation to model.target_context, plus the adapter in
 model.adapter_path -> perplexity and passkey (``run_evaluation``) -> MLflow run tagged
 ``longtune.job=evaluate``: the config and the resolved model facts as params; metrics
-``ppl_<L>``, ``eval_nll_<L>``, ``eval_tokens_<L>``, ``passkey_acc_<L>`` (step 0) and the
-curves ``ppl_vs_length`` / ``passkey_acc_vs_length`` (step = length); artifacts
-``plots/perplexity_vs_length.png``, ``plots/passkey_vs_length.png`` and
-``eval/results.json`` (every length's scores and every passkey trial) -> the table.
+``ppl_<L>``, ``passkey_acc_<L>`` (step 0; in MLflow ``eval/ppl_<L>``, ``eval/passkey_<L>``)
+and the curves ``ppl_vs_length`` / ``passkey_acc_vs_length`` (step = length); artifacts
+``plots/perplexity_vs_length.png``, ``plots/passkey_vs_length.png``,
+``eval/results.json`` (every length's scores and every passkey trial) and the table
+artifact ``eval_table.json`` (one row per length); the description: the model and the
+table -> the table.
 
 ``evaluate_model`` is the same evaluation for a model already in memory (the finetune
 pipeline calls it before and after training).
@@ -32,6 +34,7 @@ from longtune.eval.perplexity import PerplexityReport, load_eval_documents, perp
 
 PPL_PLOT = "perplexity_vs_length.png"
 PASSKEY_PLOT = "passkey_vs_length.png"
+EVAL_TABLE = "eval_table.json"
 
 
 @dataclass
@@ -234,6 +237,37 @@ def log_report(tracker, report: EvalReport) -> None:
         results = Path(tmp) / "results.json"
         results.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         tracker.log_artifact(results, "eval")
+    tracker.log_table(length_columns(report), EVAL_TABLE)
+
+
+def length_columns(report: EvalReport) -> dict[str, list]:
+    """One row per length: ``length``, ``ppl``, ``nll``, ``tokens`` (scored), ``passkey``
+    (accuracy); None where a length has no such score."""
+    ppl = report.perplexity.scores if report.perplexity else {}
+    keys = report.passkey.scores
+    lengths = sorted(set(ppl) | set(keys))
+    return {
+        "length": lengths,
+        "ppl": [ppl[n].ppl if n in ppl else None for n in lengths],
+        "nll": [ppl[n].nll if n in ppl else None for n in lengths],
+        "tokens": [ppl[n].tokens if n in ppl else None for n in lengths],
+        "passkey": [keys[n].accuracy if n in keys else None for n in lengths],
+    }
+
+
+def description(config: Config, report: EvalReport) -> str:
+    """The evaluate run's description (markdown): the model as read, and its scores."""
+    m, info = config.model, report.model_info
+    model = m.name_or_path + (f" + adapter `{m.adapter_path}`" if m.adapter_path else "")
+    lines = [f"**longtune evaluate** {model}", ""]
+    if info.get("original_context"):
+        lines += [f"trained context {info['original_context']:,}, positions interpolated to "
+                  f"{info['target_context']:,} (x{info['rope_factor']:g}); full attention", ""]
+    columns = length_columns(report)
+    lines += ["| length | perplexity | passkey |", "| ---: | ---: | ---: |"]
+    for n, p, k in zip(columns["length"], columns["ppl"], columns["passkey"]):
+        lines.append(f"| {n:,} | {'-' if p is None else f'{p:.2f}'} | {'-' if k is None else f'{k:.0%}'} |")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- the job
@@ -291,6 +325,7 @@ def evaluate(config: Config, *, console=None, out=None) -> tuple[EvalReport, str
         report.model_info = info
         if tracker:
             log_report(tracker, report)
+            tracker.set_description(description(config, report))
     except BaseException as exc:
         if tracker:
             tracker.end_run("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
@@ -305,8 +340,10 @@ def evaluate(config: Config, *, console=None, out=None) -> tuple[EvalReport, str
         out.print(report.perplexity.summary(), soft_wrap=True)
     run_id = tracker.run_id if tracker else None
     if tracker:
+        from longtune.tracking import ui_hint
+
         out.print(f"MLflow run: {run_id} in {tracker.tracking_uri}", soft_wrap=True)
-        out.print(f"Open it with: mlflow ui --backend-store-uri {tracker.tracking_uri}", soft_wrap=True)
+        out.print(ui_hint(tracker.tracking_uri, tracker.experiment_id, run_id), soft_wrap=True)
     return report, run_id
 
 

@@ -134,7 +134,7 @@ def train_loop(worker: WorkerConfig) -> None:
         if checkpoint_now and eval_blocks is not None:
             metrics.update(eval_blocks.loss(loss_fn, autocast))
         if rank == 0:
-            tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, state.step)
+            tracker.log_metrics(_tracked(metrics), state.step)
             print("[longtune] " + "  ".join(_fmt(k, v) for k, v in metrics.items()))
         if checkpoint_now and (rank == 0 or par.sharded):
             # FSDP: each rank reports its own directory (its shards; rank 0's also everything
@@ -153,6 +153,12 @@ def train_loop(worker: WorkerConfig) -> None:
         window_start = time.perf_counter()  # eval and checkpoint time is not training time
     if tracker is not None:
         tracker.close()  # stops this process's system metrics; the driver ends the run
+
+
+def _tracked(metrics: dict[str, Any]) -> dict[str, Any]:
+    """What MLflow gets of a report: not the step (MLflow's own x axis), and the epoch only
+    once the data has been read through (until then a constant 0 chart)."""
+    return {k: v for k, v in metrics.items() if k != "step" and not (k == "epoch" and v == 0)}
 
 
 def _quiet_report_log() -> None:

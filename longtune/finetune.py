@@ -2,8 +2,10 @@
 
 Reads top to bottom: set up the driver (model, Ray, resources, storage: longtune.train) ->
 check the eval settings it would reject after training -> open the data -> start the MLflow
-run -> fit -> score the interpolated base and the tuned model on the same held-out text ->
-log the adapter and curves -> say where everything is.
+run (its description: model, context, adapter, attention) -> fit -> score the interpolated
+base and the tuned model on the same held-out text (the before/after table: in the run's
+description and as its table artifact ``before_after.json``) -> log the adapter and curves
+-> say where everything is.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class FinetuneResult:
     metrics: dict[str, Any]
     mlflow_run_id: str | None
     tracking_uri: str | None
+    mlflow_experiment_id: str | None = None
 
 
 def finetune(config: Config, *, console=None, probes: tuple = ()) -> FinetuneResult:
@@ -47,6 +50,9 @@ def finetune(config: Config, *, console=None, probes: tuple = ()) -> FinetuneRes
 
     # ---------------------------------------------------------------- tracking
     tracker = start_job_run(config, run_name, job="finetune")
+    if tracker:
+        description = run_description(config, run_name, _original_context(config, setup.model_path))
+        tracker.set_description(description)
 
     # ---------------------------------------------------------------- fit
     trainer = build_trainer(
@@ -69,6 +75,8 @@ def finetune(config: Config, *, console=None, probes: tuple = ()) -> FinetuneRes
         if tracker:
             tracker.log_metrics(comparison["before training"], 0)
             tracker.log_metrics(comparison["after training"], t.max_steps)
+            tracker.set_description(description + "\n\n" + _comparison_markdown(config, comparison))
+            tracker.log_table(_comparison_columns(comparison), BEFORE_AFTER_TABLE)
 
     # ---------------------------------------------------------------- artifacts
     checkpoint_path = result.checkpoint.path
@@ -88,6 +96,7 @@ def finetune(config: Config, *, console=None, probes: tuple = ()) -> FinetuneRes
         metrics=metrics,
         mlflow_run_id=tracker.run_id if tracker else None,
         tracking_uri=tracker.tracking_uri if tracker else None,
+        mlflow_experiment_id=tracker.experiment_id if tracker else None,
     )
 
 
@@ -97,6 +106,65 @@ def finetune_command(config: Config) -> int:
     console = Console(stderr=True)
     _print_summary(finetune(config, console=console), console)
     return 0
+
+
+# -------------------------------------------------------------------- the run's description
+
+BEFORE_AFTER_TABLE = "before_after.json"
+
+
+def run_description(config: Config, run_name: str, original_context: int | None = None) -> str:
+    """The MLflow run's description (markdown): what was trained, in a few lines."""
+    m, a, at, t, s = config.model, config.adapter, config.attention, config.train, config.scaling
+    context = f"{m.target_context:,} tokens"
+    if original_context and original_context != m.target_context:
+        context = (f"{original_context:,} -> {context} (position interpolation "
+                   f"x{m.target_context / original_context:g})")
+    adapter = f"{a.type} r={a.rank}, alpha={a.alpha:g}"
+    if a.target_modules:
+        adapter += f" on {', '.join(a.target_modules)}"
+    if a.trainable_modules:
+        adapter += f"; also trained: {', '.join(a.trainable_modules)}"
+    if at.type == "s2":
+        group = f"{at.group_size} tokens" if at.group_size else f"{at.group_size_ratio:g} of the context"
+        attention = f"S2-Attn (groups of {group}, shift {at.shift}); evaluated with full attention"
+    else:
+        attention = "full"
+    rows = [("model", m.name_or_path), ("context", context), ("adapter", adapter), ("attention", attention),
+            ("training", f"{t.max_steps:,} steps, {s.num_workers} worker(s) x {t.batch_size_per_worker} "
+                         f"block(s) x {t.grad_accum_steps} micro-batch(es), lr {t.lr:g}")]
+    lines = [f"**longtune finetune** `{run_name}`", "", "| | |", "| --- | --- |"]
+    lines += [f"| {k} | {_cell(v)} |" for k, v in rows]
+    return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")  # a markdown table cell's own bars, escaped
+
+
+def _original_context(config: Config, model_path: str) -> int | None:
+    """The base's trained context, for the description (None when its config says nothing)."""
+    from transformers import AutoConfig
+
+    from longtune.models import ModelError, original_context
+
+    try:
+        return original_context(AutoConfig.from_pretrained(model_path), config.model)
+    except ModelError:
+        return None
+
+
+def _comparison_markdown(config: Config, comparison: dict[str, dict[str, float]]) -> str:
+    from longtune.eval.compare import comparison_markdown
+
+    return ("**Before / after training** (held-out perplexity and passkey retrieval, full attention)\n\n"
+            + comparison_markdown(comparison, config.eval.lengths))
+
+
+def _comparison_columns(comparison: dict[str, dict[str, float]]) -> dict[str, list]:
+    from longtune.eval.compare import comparison_columns
+
+    return comparison_columns(comparison)
 
 
 # -------------------------------------------------------------------- before / after
@@ -146,5 +214,6 @@ def _print_summary(result: FinetuneResult, console) -> None:
         console.print(f"MLflow run: {result.mlflow_run_id} in {result.tracking_uri}", soft_wrap=True)
         from longtune.tracking import ui_hint
 
-        console.print(ui_hint(result.tracking_uri), soft_wrap=True)
+        console.print(ui_hint(result.tracking_uri, result.mlflow_experiment_id, result.mlflow_run_id),
+                      soft_wrap=True)
     console.print(f"Relaunch with train.run_name={result.run_name} to resume this run.", soft_wrap=True)

@@ -89,26 +89,39 @@ def compare_trained(
         f"{config.model.name_or_path}: {base_context} -> {config.model.target_context} tokens, "
         f"{config.train.max_steps} steps each, held-out perplexity (full attention)",
     ))
-    _track(config, results, variants, job)
+    _track(config, results, variants, job, extra or {})
     return results
 
 
 TRAINING_FIGURES = ("step_time_s", "tokens_per_s", "loss", "eval_loss", "ranks_kept")
 
 
-def _track(config: Config, results: dict[str, dict[str, float]], variants: dict, job: str) -> None:
-    """One MLflow run for the comparison, one nested run per model."""
+def _track(config: Config, results: dict[str, dict[str, float]], variants: dict, job: str,
+           extra: dict[str, dict[str, float]]) -> None:
+    """One MLflow run for the comparison, one nested run per model. The comparison's table is
+    the parent's description and its table artifact ``<job>_table.json`` (the raw figures:
+    ``<job>/<job>.json``); ``extra`` figures (a benchmark's own) go under ``benchmark/``, apart
+    from the training run's figures of the same name."""
     if not config.tracking.enabled:
         return
+    from longtune.eval.compare import comparison_columns, comparison_markdown
     from longtune.tracking import start_job_run
 
     parent = start_job_run(config, job, job=job)
+    parent.set_description(
+        f"**longtune {job}**: {len(results)} models scored on the same held-out documents with full "
+        f"attention, {config.train.max_steps:,} training steps each\n\n"
+        + comparison_markdown(results, config.eval.lengths)
+    )
     for name, metrics in results.items():
         child = start_job_run(config, name, job=job, parent_run_id=parent.run_id, system_metrics=False,
                               log_config=False)
         child.log_params({k: str(v) for k, v in variants[name].items()})
-        child.log_metrics(metrics, 0)
+        own = extra.get(name, {})
+        child.log_metrics({k: v for k, v in metrics.items() if k not in own}, 0)
+        child.log_metrics({f"benchmark/{k}": v for k, v in own.items()}, 0)
         child.end_run("FINISHED")
+    parent.log_table(comparison_columns(results), f"{job}_table.json")
     with tempfile.TemporaryDirectory() as tmp:
         table = Path(tmp) / f"{job}.json"
         table.write_text(json.dumps(results, indent=2))

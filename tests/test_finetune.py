@@ -73,6 +73,7 @@ def test_a_run_checkpoints_tracks_resumes_exactly_and_survives_a_killed_worker(r
     from safetensors.torch import load_file
 
     from longtune.finetune import finetune
+    from longtune.tracking import read_table
     from longtune.train.probes import KillOnce, RecordBlocks, read_records
 
     def launch(name, steps, *extra, probes=()):
@@ -99,8 +100,13 @@ def test_a_run_checkpoints_tracks_resumes_exactly_and_survives_a_killed_worker(r
     assert run.info.status == "FINISHED"
     assert run.data.params["model.target_context"] == "128"
     assert run.data.params["attention.group_size_ratio"] == "0.25"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [2, 4]
-    assert {"lr", "tokens_per_s", "step_time_s", "peak_memory_mb", "eval_loss"} <= set(run.data.metrics)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [2, 4]
+    # MLflow's UI: one chart section per group
+    assert {"train/lr", "train/tokens_per_s", "train/step_time_s", "train/peak_memory_mb",
+            "eval/loss"} <= set(run.data.metrics)
+    assert {k.split("/")[0] for k in run.data.metrics} == {"train", "eval"}, sorted(run.data.metrics)
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "finetuning"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"adapter", "config.yaml", "plots"} <= artifacts
     adapter_files = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
@@ -111,7 +117,15 @@ def test_a_run_checkpoints_tracks_resumes_exactly_and_survives_a_killed_worker(r
     # before/after: the interpolated base and the tuned model on the same held-out tokens
     assert result.metrics["eval_tokens_128_before"] == result.metrics["eval_tokens_128"] > 0
     assert result.metrics["ppl_128"] != result.metrics["ppl_128_before"]
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "ppl_128")] == [0, 4]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/ppl_128")] == [0, 4]
+    # the description says what was trained and holds the before/after table, also an artifact
+    described = run.data.tags["mlflow.note.content"]
+    assert "| model | " in described and "-> 128 tokens" in described and "lora_plus r=" in described
+    assert "| before training | " in described and "| after training | " in described
+    table = read_table(client, run.info.run_id, "before_after.json")
+    assert list(table["model"]) == ["before training", "after training"]
+    assert list(table["ppl_128"]) == pytest.approx([result.metrics["ppl_128_before"], result.metrics["ppl_128"]])
+    assert list(table["tokens_128"]) == [result.metrics["eval_tokens_128"]] * 2
 
     # ------------------------------------------------ 2. relaunched to 8 steps, a worker killed after step 7
     marker = tmp_path / "killed"
@@ -121,11 +135,11 @@ def test_a_run_checkpoints_tracks_resumes_exactly_and_survives_a_killed_worker(r
     client, second = mlflow_run(tmp_path, resumed.mlflow_run_id)
     assert second.info.status == "FINISHED"
     resumed_from = sorted((m.step, int(m.value))
-                          for m in client.get_metric_history(second.info.run_id, "resumed_from_step"))
+                          for m in client.get_metric_history(second.info.run_id, "train/resumed_from_step"))
     # the relaunch at the first launch's last checkpoint, then the restart after the kill at the
     # checkpoint written one step before the crash: nothing before it redone
     assert resumed_from == [(4, 4), (6, 6)]
-    steps = [m.step for m in client.get_metric_history(second.info.run_id, "loss")]
+    steps = [m.step for m in client.get_metric_history(second.info.run_id, "train/loss")]
     assert steps == [6, 8]  # every step of the relaunch logged once: none lost, none repeated
     state = json.loads((Path(resumed.checkpoint_path) / "state.json").read_text())
     assert state["step"] == 8 and state["tokens_seen"] == 8 * 2 * 128  # no step counted twice
@@ -196,7 +210,7 @@ def test_fsdp_trains_like_ddp_resumes_from_its_shards_and_survives_a_killed_work
                      probes=(KillOnce(step=5, rank=1, marker=str(marker)),))
 
     client, _ = mlflow_run(tmp_path, fsdp.mlflow_run_id)
-    losses = {name: _last_per_step(client, r.mlflow_run_id, "loss")
+    losses = {name: _last_per_step(client, r.mlflow_run_id, "train/loss")
               for name, r in (("ddp", ddp), ("fsdp", fsdp), ("resumed", resumed))}
     assert sorted(losses["fsdp"]) == [1, 2, 3, 4, 5, 6]
     for step in range(1, 7):
@@ -242,7 +256,7 @@ def test_fsdp_trains_like_ddp_resumes_from_its_shards_and_survives_a_killed_work
 
     # stopped, relaunched, a worker killed: the uninterrupted run
     assert marker.read_text() == "5"
-    resumed_from = [int(m.value) for m in client.get_metric_history(resumed.mlflow_run_id, "resumed_from_step")]
+    resumed_from = [int(m.value) for m in client.get_metric_history(resumed.mlflow_run_id, "train/resumed_from_step")]
     assert resumed_from == [3, 3]  # the relaunch, then the restart after the kill
     for step in (4, 5, 6):
         assert losses["resumed"][step] == pytest.approx(losses["fsdp"][step], rel=1e-6), step
@@ -309,7 +323,7 @@ def test_lora2_trains_on_two_workers_with_s2_and_prunes_to_target(ray_local, tmp
     assert result.metrics["orth_loss"] >= 0
 
     client, run = mlflow_run(tmp_path, result.mlflow_run_id)
-    assert [m.value for m in client.get_metric_history(run.info.run_id, "ranks_kept")][-1] == 16
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "train/ranks_kept")][-1] == 16
 
     model, _ = load_model(config.model, on_gpu=False, for_training=False, path=tiny_model_dir)
     model = load_adapter(model, ckpt / "adapter")

@@ -350,6 +350,22 @@ def test_description_and_table(cfg):
     assert table.to_dict("list") == {"model": ["before training", "after training"], "ppl_256": [9.5, 7.25]}
 
 
+def test_a_finetune_runs_description_says_what_was_trained():
+    from longtune.finetune import run_description
+
+    config = load_config(overrides=["model.target_context=1024", "adapter.type=lora_plus", "adapter.rank=8", "adapter.alpha=16",
+                                    "attention.type=s2", "attention.group_size_ratio=0.25",
+                                    "adapter.target_modules=[q_proj, v_proj]"])
+    text = run_description(config, "run-1", original_context=256)
+    assert text.startswith("**longtune finetune** `run-1`")
+    assert f"| model | {config.model.name_or_path} |" in text
+    assert "| context | 256 -> 1,024 tokens (position interpolation x4) |" in text
+    assert "| adapter | lora_plus r=8, alpha=16 on q_proj, v_proj |" in text
+    assert "| attention | S2-Attn (groups of 0.25 of the context, shift split); evaluated with full attention |" in text
+    full = run_description(load_config(overrides=["attention.type=full"]), "run-2")
+    assert "| attention | full |" in full and "| context | " in full
+
+
 def test_ui_hint_links_the_runs_charts_in_the_model_training_view():
     url = run_url("http://127.0.0.1:5000/", "3", "abc")
     assert url == "http://127.0.0.1:5000/#/experiments/3/runs/abc/model-metrics?workflowType=machine_learning"

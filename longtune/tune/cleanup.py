@@ -7,9 +7,10 @@ lives in actors the trial's actor owns. When Tune stops a trial (ASHA, the end o
 interrupted search) it ends that actor, and the Train controller dies with it without
 shutting down: its workers' placement group stays reserved. Ray Train then relies on a
 detached PlacementGroupCleaner (ray-project/ray#58515) that asks the state API (the
-dashboard) whether the controller is alive; without a dashboard (a local Ray started by
-longtune, the tests) or with several Rays on one machine it cannot tell, and the reserved
-CPUs/GPUs would starve the next trials.
+dashboard) whether the controller is alive; on a Ray without a dashboard (a joined cluster
+started with --include-dashboard=false, the tests' Ray) it cannot tell, and the reserved
+CPUs/GPUs would starve the next trials. (A local Ray longtune starts has the dashboard, and its
+workers ask their own cluster's state API: runtime.init_ray, quiet_ray_workers.)
 
 The workaround: each trial's controller records itself and its placement group with a
 registry actor of the search, and the driver aborts the controller (Ray Train's own graceful

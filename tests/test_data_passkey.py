@@ -14,6 +14,7 @@ from longtune.data.passkey import (
     passkey_document,
     passkey_documents,
     passkey_for_tokens,
+    passkey_training_ids,
 )
 
 
@@ -61,6 +62,25 @@ def test_sized_to_a_token_budget(tiny_tokenizer_path):
     assert [d.key for d in docs] == [passkey_for_tokens(tok, 256, seed=s).key for s in (1, 2, 3)]
     with pytest.raises(ValueError, match="even without filler"):
         passkey_for_tokens(tok, 5, seed=0)
+
+
+def test_training_documents_fit_end_with_the_answer_and_never_repeat_an_eval_trial(tiny_tokenizer_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_path)
+    docs = [passkey_training_ids(tok, 1024, i, min_tokens=300) for i in range(40)]
+    assert all(len(ids) <= 1024 for ids in docs)
+    assert max(len(ids) for ids in docs) > 900 and min(len(ids) for ids in docs) < 500  # spread
+    assert docs[7] == passkey_training_ids(tok, 1024, 7, min_tokens=300)  # a pure function of i
+    for ids in docs[:5]:
+        text = tok.decode(ids[:-1])
+        assert ids[-1] == tok.eos_token_id and text.startswith(TASK)
+        key = text.rsplit(QUESTION, 1)[1].strip()
+        assert key_line(int(key)) in text  # the answer is the document's own key
+    # no training document is an evaluation trial (seeds 0..19) cut shorter or longer
+    eval_keys = {d.key for d in passkey_documents(tok, 1024, trials=20)}
+    train_keys = {int(tok.decode(ids[:-1]).rsplit(QUESTION, 1)[1]) for ids in docs}
+    assert len(train_keys) >= 38 and len(train_keys & eval_keys) <= 1  # keys drawn from 50,000
 
 
 def test_importing_passkey_does_not_import_ray():

@@ -83,3 +83,30 @@ def passkey_documents(
 ) -> list[PasskeyDocument]:
     """``trials`` documents of at most ``n_tokens`` tokens, seeds seed..seed+trials-1."""
     return [passkey_for_tokens(tokenizer, n_tokens, seed + i) for i in range(trials)]
+
+
+# Training documents use seeds from here on, so no trial of the evaluation (seeds
+# eval.passkey_seed + i, small numbers) is ever a training document.
+TRAINING_SEED_BASE = 1 << 40
+
+
+def passkey_training_ids(tokenizer, max_tokens: int, index: int, min_tokens: int = 0) -> list[int]:
+    """Document ``index`` of an endless set of passkey *training* documents: the prompt, the
+    answer (" <key>") and EOS, as token ids, at most ``max_tokens`` long. Its length is drawn
+    uniformly between ``min_tokens`` and ``max_tokens`` from the index (so the model sees the
+    key at every distance up to ``max_tokens``), its key and depth as for evaluation, from
+    seed TRAINING_SEED_BASE + index. Deterministic and independent of any global state."""
+    rng = random.Random(TRAINING_SEED_BASE + index)
+    target = rng.randint(min_tokens, max_tokens)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    key = passkey_document(0, TRAINING_SEED_BASE + index).answer  # the same key at every length
+    # the prompt's last token and the answer's first can merge: one token of slack
+    answer_tokens = len(tokenizer.encode(" " + key, add_special_tokens=False)) + len(eos) + 1
+    try:
+        doc = passkey_for_tokens(tokenizer, target - answer_tokens, TRAINING_SEED_BASE + index)
+    except ValueError:  # shorter than the prompt without filler: the shortest document
+        doc = passkey_document(0, TRAINING_SEED_BASE + index)
+    ids = tokenizer.encode(doc.prompt + " " + doc.answer, add_special_tokens=False) + eos
+    if len(ids) > max_tokens:
+        raise ValueError(f"a passkey training document needs {len(ids)} tokens, more than {max_tokens}")
+    return ids

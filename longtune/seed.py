@@ -239,7 +239,31 @@ def pretrain_seed_model(tokenizer, *, steps: int = SEED_STEPS, console=None):
         "tokens_seen": steps * SEED_BATCH * SEED_CONTEXT, "seconds": round(seconds, 1),
         "bf16_autocast": bf16, "heldout_ppl": round(ppl, 2), "random_init_ppl": round(random_ppl, 2),
         "parameters": sum(p.numel() for p in model.parameters()),
+        # what the numbers depend on besides the recipe: another CPU type sums in another
+        # order, and bf16 autocast is used only where the CPU has it
+        "machine": machine_fingerprint(),
     }
     console.print(f"seed model: held-out perplexity {ppl:.1f} at {SEED_CONTEXT} tokens "
                   f"(random init: {random_ppl:.0f}), {seconds:.0f} s")
     return model, report
+
+
+def machine_fingerprint() -> dict[str, object]:
+    """What a seed's (and any CPU run's) exact numbers depend on besides its recipe: the CPU
+    (its kernels), whether it computes bf16, torch's threads and version."""
+    import platform
+
+    import torch
+
+    from longtune.precision import cpu_has_bf16
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpu_bf16": cpu_has_bf16(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__}

@@ -239,6 +239,16 @@ def test_seed_pretraining_learns(tmp_path):
     assert report["random_init_ppl"] > 3000  # ~ the vocabulary size: nothing learned
     assert report["heldout_ppl"] < report["random_init_ppl"] / 4
     assert report["heldout_tokens"] > 0 and report["train_tokens"] > 10 * report["heldout_tokens"]
+    assert report["machine"]["threads"] == 2 and report["machine"]["torch"] == torch.__version__
+
+
+def test_machine_fingerprint_names_what_a_cpu_run_depends_on():
+    from longtune.precision import cpu_has_bf16
+    from longtune.seed import machine_fingerprint
+
+    fingerprint = machine_fingerprint()
+    assert fingerprint["cpu"] and fingerprint["cpu_bf16"] == cpu_has_bf16()
+    assert fingerprint["threads"] == torch.get_num_threads() and fingerprint["torch"] == torch.__version__
 
 
 # ---------------------------------------------------------------- precision (longtune.precision)

@@ -6,28 +6,16 @@ it takes about a minute (the seed model alone takes minutes to build on a cold c
 
 from __future__ import annotations
 
-import importlib.util
 import socket
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def load_rehearse():
-    """clusters/rehearse.py is a script, not a package module: load it by path (registered
-    in sys.modules, which its dataclasses need)."""
-    name = "clusters_rehearse"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "clusters" / "rehearse.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_script("clusters/rehearse.py")
 
 
 def test_free_ports_are_distinct_and_bindable():

@@ -4,26 +4,14 @@ drives it). Skipped where no Chromium is installed (Debian: apt-get install chro
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from conftest import load_script
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def load_screenshot():
-    """benchmarks/mlflow_screenshot.py is a script: load it by path."""
-    name = "benchmarks_mlflow_screenshot"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "mlflow_screenshot.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_script("benchmarks/mlflow_screenshot.py")
 
 
 @pytest.fixture(scope="module")

@@ -76,7 +76,9 @@ def finetune(config: Config, *, console=None, probes: tuple = ()) -> FinetuneRes
             tracker.log_metrics(comparison["before training"], 0)
             tracker.log_metrics(comparison["after training"], t.max_steps)
             tracker.set_description(description + "\n\n" + _comparison_markdown(config, comparison))
-            tracker.log_table(_comparison_columns(comparison), BEFORE_AFTER_TABLE)
+            from longtune.eval.compare import comparison_columns
+
+            tracker.log_table(comparison_columns(comparison), BEFORE_AFTER_TABLE)
 
     # ---------------------------------------------------------------- artifacts
     checkpoint_path = result.checkpoint.path
@@ -159,12 +161,6 @@ def _comparison_markdown(config: Config, comparison: dict[str, dict[str, float]]
 
     return ("**Before / after training** (held-out perplexity and passkey retrieval, full attention)\n\n"
             + comparison_markdown(comparison, config.eval.lengths))
-
-
-def _comparison_columns(comparison: dict[str, dict[str, float]]) -> dict[str, list]:
-    from longtune.eval.compare import comparison_columns
-
-    return comparison_columns(comparison)
 
 
 # -------------------------------------------------------------------- before / after

@@ -23,6 +23,16 @@ def load_script(relative: str):
         spec.loader.exec_module(module)
     return sys.modules[name]
 
+
+def loopback_port() -> int:
+    """A free TCP port on 127.0.0.1 for a gloo rendezvous (MASTER_PORT) of ranks a test
+    spawns right after: picked by binding port 0, then released."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 # ------------------------------------------------------------------ Ray and data (issue #4)
 
 

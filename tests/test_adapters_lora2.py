@@ -21,7 +21,7 @@ from longtune.adapters.lora2 import (
     semi_orthogonality,
 )
 from longtune.config import load_config
-from conftest import tiny_lm
+from conftest import loopback_port, tiny_lm
 
 
 def tiny_llama(seed: int = 0):
@@ -373,14 +373,9 @@ def _ddp_run(rank: int, out_dir: str, perturb: bool) -> None:
 def test_ddp_ranks_keep_identical_masks(tmp_path):
     """Two gloo processes train one DDP model on different data: once as is, once with
     rank 1's importance scores pushed off (as a non-deterministic kernel could)."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, loopback_port(), str(tmp_path)), nprocs=2, join=True)
     for run in ("same", "drifting"):
         r0, r1 = (json.loads((tmp_path / f"{run}-rank{r}.json").read_text()) for r in (0, 1))
         assert r0["masks"] == r1["masks"], run

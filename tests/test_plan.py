@@ -9,7 +9,6 @@ import gc
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import warnings
@@ -21,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
-from conftest import tiny_lm
+from conftest import loopback_port, tiny_lm
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -311,9 +310,7 @@ def fsdp_validation(tmp_path_factory):
     """name -> ([measured bytes of each rank], predicted bytes) for FSDP_VALIDATION."""
     tmp = tmp_path_factory.mktemp("plan_fsdp")
     path, _ = tiny_model(tmp, "llama", **FSDP_SHAPE)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = loopback_port()
     mp.spawn(_fsdp_rank, args=(FSDP_WORLD, port, path, str(tmp)), nprocs=FSDP_WORLD, join=True)
     measured = [json.loads((tmp / f"{rank}.json").read_text()) for rank in range(FSDP_WORLD)]
     return {name: ([m[name] for m in measured], plan_run(fsdp_config(path, overrides), None, device="cpu"))
@@ -418,9 +415,7 @@ def sp_validation(tmp_path_factory):
     """name -> ([measured bytes of each rank], plan, the model's directory) for SP_VALIDATION."""
     tmp = tmp_path_factory.mktemp("plan_sp")
     dirs = {name: tiny_model(tmp / re.sub(r"\W+", "_", name), "llama", **shape)[0] for name, shape in SP_SHAPES.items()}
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = loopback_port()
     mp.spawn(_sp_rank, args=(SP_WORLD, port, dirs, str(tmp)), nprocs=SP_WORLD, join=True)
     measured = [json.loads((tmp / f"{rank}.json").read_text()) for rank in range(SP_WORLD)]
     return {name: ([m[name] for m in measured], plan_run(sp_config(dirs[name], overrides), None, device="cpu"),

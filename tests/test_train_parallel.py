@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import loopback_port
 
 from longtune.config import ConfigError, load_config
 
@@ -33,12 +33,6 @@ def micro_batches(rank: int, step: int) -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": torch.randint(0, 300, (1, SEQ), generator=g),
              "position_ids": torch.cat([torch.arange(SEQ // 2 + 5), torch.arange(SEQ // 2 - 5)])[None]}
             for _ in range(2)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------- what each rank runs
@@ -203,7 +197,7 @@ def ranks(tmp_path_factory, tiny_model_dir, tiny_tokenizer_path):
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_path)
     tied = tiny_lm("llama_tied", vocab_size=len(tokenizer), max_position_embeddings=64)
     tied.save_pretrained(out / "tied_model")
-    mp.spawn(_ranks_main, args=(2, _free_port(), tiny_model_dir, str(out / "tied_model"), str(out)),
+    mp.spawn(_ranks_main, args=(2, loopback_port(), tiny_model_dir, str(out / "tied_model"), str(out)),
              nprocs=2, join=True)
     for name in ("straight", "resumed", "lora2_fsdp"):
         _merge(sorted((out / name).glob("rank*")), out / name / "merged")

@@ -1,13 +1,13 @@
 """Does a seed-sized Llama learn to copy, and so to retrieve a passkey, within the first
 run's budget? (#18) The measurement behind the README's "The LongLoRA comparison in
-miniature": the seed recipe (stdlib code at 256 tokens, AdamW, warm-up and cosine decay)
-with rows mixed in that reward copying, and two probes every ``--every`` steps:
+miniature": the seed recipe (longtune.seed: stdlib code at 256 tokens, its optimizer,
+schedule and step) with rows mixed in that reward copying, and two probes every ``--every`` steps:
 
 * copy probe: 32 held-out rows, each a random 16-token span, 40 tokens of code, the same
   span again. The mean loss on the second copy against the first: a model that copies
   (an induction head) scores the second far below the first; one that does not scores
   both near chance (ln of the span alphabet's size).
-* passkey @ 256: LongLoRA's passkey test at the seed's own context (trials 0..n-1, greedy).
+* passkey @ 256: longtune's passkey test (longtune.eval.passkey) at the seed's own context.
 
     python benchmarks/seed_copying.py                              # 2 layers, number spans
     python benchmarks/seed_copying.py --layers 4 --pool all --copy 0.3 --passkey 0.5 --steps 400
@@ -26,7 +26,6 @@ import argparse
 import copy
 import math
 import random
-import re
 import sys
 import time
 from pathlib import Path
@@ -58,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import LlamaForCausalLM
 
     from longtune import seed as S
-    from longtune.data.passkey import passkey_for_tokens, passkey_training_ids
+    from longtune.data.passkey import passkey_training_ids
+    from longtune.eval.passkey import passkey_retrieval
     from longtune.models import extend_rope
 
     torch.set_num_threads(a.threads)
@@ -69,10 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size = a.layers, a.hidden, int(a.hidden * 2.75)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    warm = max(1, a.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / a.steps))))
+    opt, sched = S.seed_optimizer(model, a.steps, a.lr)
     gen = torch.Generator().manual_seed(0)
     rng = random.Random(0)
     numbers = sorted(i for k, i in tok.get_vocab().items() if k.lstrip("\u0120").isdigit())
@@ -125,19 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         # the span's tokens after its first token: predicted at 20..34 (first), 76..90 (second)
         return nll[:, -15:].mean().item(), nll[:, 20:35].mean().item()
 
-    def passkey(m, n: int) -> float:
-        m.eval()
-        ok = 0
-        with torch.no_grad():
-            for i in range(a.trials):
-                doc = passkey_for_tokens(tok, n, i)
-                ids = torch.tensor([tok.encode(doc.prompt, add_special_tokens=False)])
-                out = m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=5, pad_token_id=tok.eos_token_id)
-                found = re.search(r"\d+", tok.decode(out[0, ids.shape[1] :]))
-                ok += bool(found and found.group(0) == doc.answer)
-        m.train()
-        return ok / a.trials
+    def passkey(m, n: int) -> float:  # longtune's own test; it restores the model's train mode
+        return passkey_retrieval(m, tok, [n], a.trials, progress=False).scores[n].accuracy
 
     print(f"{a.layers} layers, hidden {a.hidden}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
           f"parameters; rows: {a.passkey:.0%} passkey, {a.copy:.0%} copy ({a.pool}: {len(pool)} tokens, "
@@ -146,17 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     start = time.perf_counter()
     for step in range(1, a.steps + 1):
-        x = batch()
-        loss = model(x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        # fp32 on every CPU (the seed itself autocasts to bf16 where the CPU has it), so
+        # the probes' numbers do not depend on the CPU's bf16 support
+        loss = S.seed_step(model, batch(), opt, sched, bf16=False)
         if step % a.every == 0 or step == a.steps:
             seconds = time.perf_counter() - start
             second, first = copy_probe(model)
-            row = {"step": step, "seconds": round(seconds, 1), "loss": round(loss.item(), 3),
+            row = {"step": step, "seconds": round(seconds, 1), "loss": round(loss, 3),
                    "heldout_ppl": round(S.heldout_perplexity(model, held, ctx, 32), 1),
                    "copy_first_nll": round(first, 2), "copy_second_nll": round(second, 2),
                    "passkey_256": passkey(model, ctx)}

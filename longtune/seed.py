@@ -184,10 +184,39 @@ def heldout_perplexity(model, stream: "torch.Tensor", context: int, windows: int
     return math.exp(sum(losses) / n)
 
 
+def seed_optimizer(model, steps: int, lr: float = SEED_LR):
+    """The seed recipe's AdamW and its schedule: linear warm-up over the first 5% of
+    ``steps`` (at least one), then cosine decay to a tenth of ``lr``. Returns (opt, sched)."""
+    import math
+
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    )
+    return opt, sched
+
+
+def seed_step(model, batch: "torch.Tensor", opt, sched, *, bf16: bool) -> float:
+    """One seed-recipe step on ``batch`` (rows, context) of token ids, every token a target;
+    bf16 autocast where the CPU has it (``precision.cpu_has_bf16``). Returns the loss."""
+    import torch
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = model(batch, labels=batch).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
 def pretrain_seed_model(tokenizer, *, steps: int = SEED_STEPS, console=None):
     """A small Llama pretrained from scratch on the stdlib corpus at SEED_CONTEXT tokens.
     Deterministic for a given stdlib and torch build. Returns (model, report)."""
-    import math
     import time
 
     import torch
@@ -202,11 +231,7 @@ def pretrain_seed_model(tokenizer, *, steps: int = SEED_STEPS, console=None):
     torch.manual_seed(0)
     model = LlamaForCausalLM(seed_model_config(tokenizer))
     random_ppl = heldout_perplexity(model, heldout, SEED_CONTEXT, SEED_EVAL_WINDOWS)
-    opt = torch.optim.AdamW(model.parameters(), lr=SEED_LR, betas=(0.9, 0.95), weight_decay=0.1)
-    warmup = steps // 20
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps)))
-    )
+    opt, sched = seed_optimizer(model, steps)
     gen = torch.Generator().manual_seed(0)
     bf16 = cpu_has_bf16()
     console.print(
@@ -223,14 +248,8 @@ def pretrain_seed_model(tokenizer, *, steps: int = SEED_STEPS, console=None):
         for step in range(steps):
             starts = torch.randint(0, len(train) - SEED_CONTEXT - 1, (SEED_BATCH,), generator=gen)
             batch = torch.stack([train[s : s + SEED_CONTEXT] for s in starts.tolist()])
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = model(batch, labels=batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            progress.update(task, advance=1, loss=loss.item())
+            loss = seed_step(model, batch, opt, sched, bf16=bf16)
+            progress.update(task, advance=1, loss=loss)
     seconds = time.perf_counter() - start
     ppl = heldout_perplexity(model, heldout, SEED_CONTEXT, SEED_EVAL_WINDOWS)
     report = {

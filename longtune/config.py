@@ -181,7 +181,40 @@ class ModelConfig(_Section):
     )
 
 
+class SftConfig(_Section):
+    template: Literal["auto", "chat", "llama2", "plain"] = Field(
+        "auto",
+        description="How conversations become text: chat = the tokenizer's chat template; "
+        "llama2 = LongLoRA's [INST] format; plain = Alpaca's ### Instruction / ### Response; "
+        "auto = the tokenizer's chat template when it has one, else llama2.",
+    )
+    system_prompt: str | None = Field(
+        None,
+        description="Default system message of the llama2/plain templates (a record's own "
+        "system message wins); exported with the chat template.",
+    )
+    instruction_field: str = Field("instruction", description="Instruction field of LongAlpaca-style records.")
+    input_field: str = Field("input", description="Optional input field, appended to the instruction.")
+    output_field: str = Field("output", description="Response field of LongAlpaca-style records.")
+    messages_field: str = Field(
+        "messages", description="Field of chat records: a list of {role, content} messages."
+    )
+    train_on_prompt: bool = Field(
+        False, description="Make prompt and system tokens loss targets too (off: responses only)."
+    )
+    overlong: Literal["truncate", "drop"] = Field(
+        "truncate",
+        description="An example longer than a block: truncate = cut tokens from the start of "
+        "its first user message (never a response); drop = skip it. Both are counted.",
+    )
+
+
 class DataConfig(_Section):
+    format: Literal["text", "sft"] = Field(
+        "text",
+        description="text: documents for continued pretraining (loss on every token); sft: "
+        "instruction or chat records (loss on the responses, see data.sft).",
+    )
     sources: list[str] = Field(
         default_factory=lambda: [STDLIB_CORPUS],
         description="Documents to train on: paths, globs or s3:// / gs:// URIs of text dirs, "
@@ -238,6 +271,7 @@ class DataConfig(_Section):
         "first pass are packed together; the dropped or padded remainder is under one block "
         "per split per such batch.",
     )
+    sft: SftConfig = Field(default_factory=SftConfig)
 
     @field_validator("sources")
     @classmethod
@@ -445,6 +479,15 @@ class EvalConfig(_Section):
     loss_blocks: int = Field(
         16, ge=0, description="Held-out blocks scored (full attention) at each training checkpoint."
     )
+    sft_examples: int = Field(
+        64, ge=0, description="data.format sft: held-out examples whose response loss is scored."
+    )
+    sft_answer_tokens: int = Field(
+        32,
+        ge=0,
+        description="data.format sft: held-out examples whose last response is at most this "
+        "many tokens are also answered greedily and scored by exact match.",
+    )
 
     @field_validator("lengths", "passkey_lengths")
     @classmethod
@@ -617,6 +660,15 @@ class Config(_Section):
                     f"train.max_steps={self.train.max_steps} give no steps to prune in "
                     f"(steps {start} to {end}); use more steps or a wider range"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _sft(self) -> "Config":
+        if self.data.format == "sft" and self.data.position_ids != "document":
+            raise ValueError(
+                "data.format=sft needs data.position_ids=document: positions restart at each "
+                "example so packed examples do not attend to each other"
+            )
         return self
 
     @model_validator(mode="after")

@@ -139,6 +139,9 @@ def export_model(config: Config, *, console=None) -> Path:
     merged = merged.to(getattr(torch, config.export.dtype))
     merged.config.use_cache = True
     tokenizer.model_max_length = m.target_context
+    template = sft_chat_template(config, source, tokenizer)
+    if template is not None:
+        tokenizer.chat_template = template[1]  # prompted as it was trained
     record = {
         "format": 1,
         "base": m.name_or_path,
@@ -152,6 +155,7 @@ def export_model(config: Config, *, console=None) -> Path:
         "dtype": config.export.dtype,
         "tied_embeddings": tied_after,
         "merge_max_abs_diff": merge_diff,
+        "chat_template": template[0] if template else None,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     publish(target, lambda tmp: _write(tmp, merged, tokenizer, record))
@@ -242,6 +246,32 @@ def check_checkpoint_matches(config: Config, checkpoint_dir: Path, base_path: st
             f"checkpoint {checkpoint_dir} extended the model from {was} tokens "
             f"(model.original_context), the export config from {now}: pass model.original_context={was}"
         )
+
+
+def sft_chat_template(config: Config, source: AdapterSource, tokenizer) -> tuple[str, str] | None:
+    """(name, Jinja text) of the template an SFT adapter was trained with: from the
+    checkpoint's config.yaml when there is one (the run's own data.format and data.sft),
+    else from this config; None for an adapter trained on text."""
+    from longtune.config import DataConfig
+    from longtune.data.sft import resolve_template
+
+    data = config.data
+    if source.checkpoint_dir is not None:
+        try:
+            raw = yaml.safe_load((source.checkpoint_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+            section = raw.get("data") or {}
+            data = DataConfig.model_validate(
+                {k: section[k] for k in ("format", "sft") if k in section and k in DataConfig.model_fields}
+            )
+        except (OSError, yaml.YAMLError, AttributeError, ValidationError) as err:
+            raise ExportError(f"cannot read the data section of {source.checkpoint_dir}/config.yaml: "
+                              f"{one_line(err)}") from None
+    if data.format != "sft":
+        return None
+    try:
+        return resolve_template(tokenizer, data.sft.template, data.sft.system_prompt)
+    except ValueError as err:
+        raise ExportError(str(err)) from None
 
 
 def _checkpoint_model_config(path: Path) -> ModelConfig:

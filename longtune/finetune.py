@@ -135,6 +135,11 @@ def run_description(config: Config, run_name: str, original_context: int | None 
     rows = [("model", m.name_or_path), ("context", context), ("adapter", adapter), ("attention", attention),
             ("training", f"{t.max_steps:,} steps, {s.num_workers} worker(s) x {t.batch_size_per_worker} "
                          f"block(s) x {t.grad_accum_steps} micro-batch(es), lr {t.lr:g}")]
+    if config.data.format == "sft":
+        sft = config.data.sft
+        rows.insert(1, ("data", f"SFT: {', '.join(config.data.sources)}, template {sft.template}, loss on "
+                                f"{'every token' if sft.train_on_prompt else 'responses only'}, overlong "
+                                f"examples {'truncated' if sft.overlong == 'truncate' else 'dropped'}"))
     lines = [f"**longtune finetune** `{run_name}`", "", "| | |", "| --- | --- |"]
     lines += [f"| {k} | {_cell(v)} |" for k, v in rows]
     return "\n".join(lines)
@@ -159,7 +164,9 @@ def _original_context(config: Config, model_path: str) -> int | None:
 def _comparison_markdown(config: Config, comparison: dict[str, dict[str, float]]) -> str:
     from longtune.eval.compare import comparison_markdown
 
-    return ("**Before / after training** (held-out perplexity and passkey retrieval, full attention)\n\n"
+    what = ("response loss and exact match on held-out examples" if config.data.format == "sft"
+            else "held-out perplexity and passkey retrieval")
+    return (f"**Before / after training** ({what}, full attention)\n\n"
             + comparison_markdown(comparison, config.eval.lengths))
 
 
@@ -192,7 +199,9 @@ def _check_eval_settings(config: Config) -> None:
 def _comparison_table(config: Config, comparison: dict[str, dict[str, float]]):
     from longtune.eval.compare import comparison_table
 
-    return comparison_table(comparison, config.eval.lengths, "held-out perplexity, full attention")
+    title = ("held-out SFT examples, full attention" if config.data.format == "sft"
+             else "held-out perplexity, full attention")
+    return comparison_table(comparison, config.eval.lengths, title)
 
 
 def _print_summary(result: FinetuneResult, console) -> None:

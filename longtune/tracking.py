@@ -544,11 +544,13 @@ EVAL_METRICS = {
     "eval_ppl": "eval/ppl",
     "ppl_vs_length": "eval/ppl_vs_length",  # longtune evaluate: step = the length
     "passkey_acc_vs_length": "eval/passkey_vs_length",
+    "response_loss": "eval/response_loss",  # data.format sft (longtune/eval/sft.py)
+    "exact_match": "eval/exact_match",
 }
 _BY_LENGTH = ((re.compile(r"ppl_(\d+)"), "eval/ppl_{}"), (re.compile(r"passkey_acc_(\d+)"), "eval/passkey_{}"))
 # ln(ppl_<L>) and the scored-token count, the same at every length and before and after
 # training: columns of the run's tables (before_after.json, eval/results.json, ...), not charts
-TABLE_ONLY = re.compile(r"eval_(nll|tokens)_\d+")
+TABLE_ONLY = re.compile(r"eval_(nll|tokens)_\d+|exact_match_trials")
 
 
 def metric_name(key: str) -> str | None:

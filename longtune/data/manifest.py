@@ -98,17 +98,34 @@ def summary_table(manifest: dict[str, Any]):
     def row(name: str, counts: dict[str, int]) -> None:
         table.add_row(name, f"{counts['train']:,}", f"{counts['eval']:,}")
 
-    row("documents", docs["kept"])
-    row("tokens (with EOS)", tokens["tokenized"])
-    row(f"blocks of {manifest['context_length']:,} tokens", blocks)
-    row("tokens dropped (remainder)", tokens["dropped"])
-    if manifest["remainder"] == "pad":
+    sft = manifest.get("sft")
+    if sft:
+        row("examples", docs["kept"])
+        row("tokens", tokens["tokenized"])
+        row("target tokens (responses)", sft["target_tokens"])
+        row(f"blocks of {manifest['context_length']:,} tokens", blocks)
         row("padding tokens (masked)", tokens["padding"])
-    table.add_section()
-    skipped = (
-        f"{docs['too_short']:,} too short, {docs['too_long']:,} too long, "
-        f"{docs['unreadable']:,} unreadable"
-    )
+        eff = sft["packing_efficiency"]
+        table.add_row("packing efficiency", f"{eff['train']:.1%}", f"{eff['eval']:.1%}")
+        table.add_section()
+        ex = sft["examples"]
+        skipped = (
+            f"{ex['invalid']:,} invalid, {ex['dropped_too_long']:,} too long; "
+            f"{ex['truncated']:,} truncated ({ex['truncated_tokens']:,} prompt tokens cut)"
+        )
+        table.add_row("template", sft["template"], "")
+    else:
+        row("documents", docs["kept"])
+        row("tokens (with EOS)", tokens["tokenized"])
+        row(f"blocks of {manifest['context_length']:,} tokens", blocks)
+        row("tokens dropped (remainder)", tokens["dropped"])
+        if manifest["remainder"] == "pad":
+            row("padding tokens (masked)", tokens["padding"])
+        table.add_section()
+        skipped = (
+            f"{docs['too_short']:,} too short, {docs['too_long']:,} too long, "
+            f"{docs['unreadable']:,} unreadable"
+        )
     table.add_row("skipped", skipped, "")
     files = manifest["files"]
     table.add_row(

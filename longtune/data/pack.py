@@ -38,6 +38,7 @@ import pyarrow as pa
 # pieces (pass 1 -> pass 2 only) or per-batch counts.
 DOC, SHORT, LONG, ERROR = "doc", "short", "long", "error"
 BLOCK, PIECE, STATS = "block", "piece", "stats"
+EXAMPLE = "example"  # data.format sft: one tokenized conversation with its targets
 
 _IDS = pa.list_(pa.int32())
 
@@ -48,11 +49,12 @@ class PackOptions:
     position_ids: str  # "document" | "continuous"
     remainder: str  # "drop" | "pad"
     pad_id: int
+    format: str = "text"  # "text" | "sft"
 
     @property
     def masked(self) -> bool:
-        """Blocks carry a loss_mask only when padding can occur."""
-        return self.remainder == "pad"
+        """Blocks carry a loss_mask when padding can occur, and always for SFT (its targets)."""
+        return self.remainder == "pad" or self.format == "sft"
 
 
 @dataclass
@@ -103,6 +105,65 @@ def pad_block(
     positions = np.concatenate([rest_positions, np.arange(L - r, dtype=np.int32)])
     mask = np.concatenate([np.ones(r, np.int8), np.zeros(L - r, np.int8)])
     return ids[None], positions[None], mask[None]
+
+
+# ------------------------------------------------------------------ SFT examples
+
+
+
+@dataclass
+class PackedExamples:
+    ids: np.ndarray  # (n_blocks, L) int32
+    positions: np.ndarray  # (n_blocks, L) int32: restart at every example and at the padding
+    loss_mask: np.ndarray  # (n_blocks, L) int8: 1 = target
+    padding: int  # padding tokens in all blocks
+
+
+def pack_examples(examples: list[tuple[np.ndarray, np.ndarray]], context_length: int, pad_id: int) -> PackedExamples:
+    """``examples`` (ids, targets) of at most ``context_length`` tokens each, placed
+    first-fit in order into blocks (an example goes into the first open block with room),
+    each block padded to ``context_length``."""
+    L = context_length
+    blocks: list[list[int]] = []  # example indices per block
+    room: list[int] = []
+    for i, (ids, _) in enumerate(examples):
+        n = len(ids)
+        if n > L:
+            raise ValueError(f"an example of {n} tokens does not fit a block of {L}")
+        for b, free in enumerate(room):
+            if free >= n:
+                blocks[b].append(i)
+                room[b] -= n
+                break
+        else:
+            blocks.append([i])
+            room.append(L - n)
+    out_ids = np.full((len(blocks), L), pad_id, dtype=np.int32)
+    out_pos = np.zeros((len(blocks), L), dtype=np.int32)
+    out_mask = np.zeros((len(blocks), L), dtype=np.int8)
+    for b, members in enumerate(blocks):
+        at = 0
+        for i in members:
+            ids, targets = examples[i]
+            n = len(ids)
+            out_ids[b, at : at + n] = ids
+            out_pos[b, at : at + n] = np.arange(n, dtype=np.int32)
+            out_mask[b, at : at + n] = targets
+            at += n
+        out_pos[b, at:] = np.arange(L - at, dtype=np.int32)  # the padding: a segment of its own
+    return PackedExamples(out_ids, out_pos, out_mask, padding=int(sum(room)))
+
+
+def unpack_examples(ids: np.ndarray, positions: np.ndarray, loss_mask: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The examples of packed blocks ((n, L) each) back as (ids, targets), padding left out
+    (a segment with no targets)."""
+    out = []
+    for row_ids, row_pos, row_mask in zip(ids, positions, loss_mask):
+        starts = np.flatnonzero(row_pos == 0).tolist() + [len(row_ids)]
+        for a, b in zip(starts[:-1], starts[1:]):
+            if row_mask[a:b].any():
+                out.append((np.asarray(row_ids[a:b], np.int32), np.asarray(row_mask[a:b], np.int8)))
+    return out
 
 
 # ------------------------------------------------------------------ batch adaptors
@@ -261,3 +322,54 @@ def merge_pieces(batch: pa.Table, opts: PackOptions, *, with_stats: bool = True)
         columns["loss_mask"] = _fixed(all_mask, k, L, pa.int8())
     columns["stats"] = [""] * n + stats_rows
     return pa.table(columns)
+
+
+def pack_sft(batch: pa.Table, opts: PackOptions, *, with_stats: bool = True) -> pa.Table:
+    """data.format sft, the one packing pass: tokenized examples (kind ``example``, columns
+    input_ids and loss_mask as lists) and stats rows -> padded blocks per split
+    (``pack_examples``), as ``merge_pieces`` writes them: input_ids, position_ids, loss_mask
+    (fixed_size_list[L]) and, ``with_stats``, kind/split/stats with the incoming stats rows
+    and one of its own (padding tokens per split)."""
+    L = opts.context_length
+    kinds = batch.column("kind").to_pylist()
+    splits = batch.column("split").to_pylist()
+    ids = list_column(batch, "input_ids")
+    targets = list_column(batch, "loss_mask")
+    stats_in = batch.column("stats").to_pylist()
+    by_split: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    passed_stats: list[str] = []
+    for i, kind in enumerate(kinds):
+        if kind == EXAMPLE:
+            by_split.setdefault(splits[i], []).append((ids[i], targets[i]))
+        elif kind == STATS:
+            passed_stats.append(stats_in[i])
+        else:
+            raise ValueError(f"pack_sft got a {kind!r} row; it packs tokenized SFT examples")
+    stats: dict[str, Any] = {"pad_tokens": {}}
+    out_split: list[str] = []
+    parts: list[PackedExamples] = []
+    for split in sorted(by_split):
+        packed = pack_examples(by_split[split], L, opts.pad_id)
+        parts.append(packed)
+        out_split += [split] * len(packed.ids)
+        _add(stats["pad_tokens"], split, packed.padding)
+    n = len(out_split)
+    all_ids = np.concatenate([p.ids for p in parts]) if n else np.zeros((0, L), np.int32)
+    all_pos = np.concatenate([p.positions for p in parts]) if n else np.zeros((0, L), np.int32)
+    all_mask = np.concatenate([p.loss_mask for p in parts]) if n else np.zeros((0, L), np.int8)
+    if not with_stats:
+        return pa.table({
+            "input_ids": _fixed(all_ids, 0, L, pa.int32()),
+            "position_ids": _fixed(all_pos, 0, L, pa.int32()),
+            "loss_mask": _fixed(all_mask, 0, L, pa.int8()),
+        })
+    stats_rows = passed_stats + [json.dumps(stats)]
+    k = len(stats_rows)
+    return pa.table({
+        "kind": [BLOCK] * n + [STATS] * k,
+        "split": out_split + [""] * k,
+        "input_ids": _fixed(all_ids, k, L, pa.int32()),
+        "position_ids": _fixed(all_pos, k, L, pa.int32()),
+        "loss_mask": _fixed(all_mask, k, L, pa.int8()),
+        "stats": [""] * n + stats_rows,
+    })

@@ -45,7 +45,8 @@ from longtune.data.manifest import (
     summary_table,
     write_manifest,
 )
-from longtune.data.pack import BLOCK, STATS, PackOptions, merge_pieces, pack_documents
+from longtune.data.pack import BLOCK, STATS, PackOptions, merge_pieces, pack_documents, pack_sft
+from longtune.data.sft import SftFields, resolve_template
 from longtune.data.sources import (
     Discovery,
     ReadOptions,
@@ -56,7 +57,14 @@ from longtune.data.sources import (
     resolve,
     split_of,
 )
-from longtune.data.tokenize import TokenizeDocuments, load_tokenizer, tokenizer_name, vocab_hash
+from longtune.data.tokenize import (
+    TokenizeConversations,
+    TokenizeDocuments,
+    load_tokenizer,
+    special_tokens,
+    tokenizer_name,
+    vocab_hash,
+)
 
 # Read tasks: enough to keep the tokenizers fed from the start, each some MiB of files.
 _MIN_READ_TASKS = 64
@@ -73,13 +81,36 @@ class _Plan:
     pack: PackOptions
     tokenizer_json: str
     eos_id: int
+    specials: dict[str, str]
+    template: tuple[str, str] | None  # data.format sft: (name, Jinja text)
+
+
+def read_options(config: Config) -> ReadOptions:
+    d = config.data
+    return ReadOptions(
+        d.text_field, d.min_doc_chars, d.max_doc_chars, d.eval_fraction, format=d.format,
+        sft_fields=sft_fields(config),
+    )
+
+
+def sft_fields(config: Config) -> SftFields:
+    f = config.data.sft
+    return SftFields(f.instruction_field, f.input_field, f.output_field, f.messages_field)
+
+
+def sft_template(config: Config, tokenizer) -> tuple[str, str]:
+    """(name, Jinja text) of the job's SFT template; DataError when it cannot be had."""
+    try:
+        return resolve_template(tokenizer, config.data.sft.template, config.data.sft.system_prompt)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
 
 
 def _plan(config: Config, discovery: Discovery, tokenizer) -> _Plan:
     d = config.data
     return _Plan(
         discovery=discovery,
-        read=ReadOptions(d.text_field, d.min_doc_chars, d.max_doc_chars, d.eval_fraction),
+        read=read_options(config),
         pack=PackOptions(
             context_length=config.context_length,
             position_ids=d.position_ids,
@@ -87,9 +118,12 @@ def _plan(config: Config, discovery: Discovery, tokenizer) -> _Plan:
             pad_id=tokenizer.pad_token_id
             if tokenizer.pad_token_id is not None
             else tokenizer.eos_token_id,
+            format=d.format,
         ),
         tokenizer_json=tokenizer.backend_tokenizer.to_str(),
         eos_id=tokenizer.eos_token_id,
+        specials=special_tokens(tokenizer),
+        template=sft_template(config, tokenizer) if d.format == "sft" else None,
     )
 
 
@@ -130,6 +164,8 @@ def _blocks(config: Config, plan: _Plan, *, split: str | None, with_stats: bool)
     )
     if d.max_documents is not None:
         ds = ds.limit(d.max_documents)
+    if d.format == "sft":
+        return _sft_blocks(config, plan, ds, with_stats=with_stats)
     ds = ds.map_batches(
         _TokenizeAndPack,
         fn_constructor_kwargs={
@@ -143,6 +179,32 @@ def _blocks(config: Config, plan: _Plan, *, split: str | None, with_stats: bool)
     )
     return ds.map_batches(
         merge_pieces,
+        fn_kwargs={"opts": plan.pack, "with_stats": with_stats},
+        batch_size=max(1, d.pack_batch_tokens // plan.pack.context_length),
+        batch_format="pyarrow",
+        udf_modifying_row_count=True,
+    )
+
+
+def _sft_blocks(config: Config, plan: _Plan, ds, *, with_stats: bool):
+    """data.format sft: conversations -> examples (actor pool) -> padded blocks. The packing
+    batch is in examples: about pack_batch_tokens of them at the longest."""
+    d = config.data
+    ds = ds.map_batches(
+        TokenizeConversations,
+        fn_constructor_kwargs={
+            "tokenizer_json": plan.tokenizer_json, "specials": plan.specials,
+            "template": plan.template[1], "max_tokens": config.context_length,
+            "overlong": d.sft.overlong, "train_on_prompt": d.sft.train_on_prompt,
+        },
+        compute=ActorPoolStrategy(size=d.tokenize_concurrency),
+        num_cpus=1,
+        batch_size=d.tokenize_batch_size,
+        batch_format="pyarrow",
+        udf_modifying_row_count=True,
+    )
+    return ds.map_batches(
+        pack_sft,
         fn_kwargs={"opts": plan.pack, "with_stats": with_stats},
         batch_size=max(1, d.pack_batch_tokens // plan.pack.context_length),
         batch_format="pyarrow",
@@ -384,6 +446,12 @@ def _manifest(config, tokenizer, plan: _Plan, results, elapsed: float, out: str)
     tokenized = per_split(stats.get("tokens"))
     in_blocks = per_split(counts.get("real_tokens"))
     dropped = per_split(stats.get("dropped_tokens"))
+    sft = config.data.format == "sft"
+    if sft:  # the sink's masked count is the targets; every other non-padding token is a prompt's
+        targets = in_blocks
+        padding = per_split(stats.get("pad_tokens"))
+        n_blocks = per_split(counts.get("blocks"))
+        in_blocks = {s: n_blocks[s] * config.context_length - padding[s] for s in SPLITS}
     for split in SPLITS:
         # Every tokenized token is in exactly one block or in the counted remainder.
         if tokenized[split] != in_blocks[split] + dropped[split]:
@@ -393,7 +461,7 @@ def _manifest(config, tokenizer, plan: _Plan, results, elapsed: float, out: str)
             )
     skipped = [{"source": s, "reason": r} for s, r in stats.get("skipped", [])]
     total_tokens = sum(tokenized.values())
-    return {
+    manifest = {
         "format": FORMAT,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "output": out,
@@ -429,11 +497,40 @@ def _manifest(config, tokenizer, plan: _Plan, results, elapsed: float, out: str)
         "tokens_per_s": round(total_tokens / elapsed, 1) if elapsed > 0 else 0.0,
         "data_config": config.data.model_dump(mode="json"),
     }
+    manifest["data_format"] = config.data.format
+    if sft:
+        manifest["sft"] = {
+            "template": plan.template[0],
+            "chat_template": plan.template[1],
+            "train_on_prompt": config.data.sft.train_on_prompt,
+            "overlong": config.data.sft.overlong,
+            "examples": {
+                "kept": per_split(stats.get("documents")),
+                "truncated": int(stats.get("truncated", 0)),
+                "truncated_tokens": int(stats.get("truncated_tokens", 0)),
+                "dropped_too_long": int(stats.get("long", 0)),
+                "invalid": int(stats.get("errors", 0)),
+            },
+            "target_tokens": targets,
+            "packing_efficiency": {
+                s: round(in_blocks[s] / (n_blocks[s] * config.context_length), 4) if n_blocks[s] else 0.0
+                for s in SPLITS
+            },
+        }
+    return manifest
 
 
 def _check_not_empty(config: Config, manifest: dict[str, Any]) -> None:
     docs, tokens = manifest["documents"], manifest["tokens"]
     where = ", ".join(config.data.sources)
+    if "sft" in manifest and not manifest["sft"]["examples"]["kept"]["train"]:
+        ex = manifest["sft"]["examples"]
+        first = f"; the first: {manifest['skipped'][0]['reason']}" if manifest["skipped"] else ""
+        raise DataError(
+            f"no training examples left in {where}: {ex['invalid']:,} records invalid or unreadable, "
+            f"{ex['dropped_too_long']:,} longer than a block of {config.context_length:,} tokens "
+            f"(each is listed in {MANIFEST_NAME}){first}"
+        )
     if not any(docs["kept"].values()):
         raise DataError(
             f"nothing left after filtering {where}: {docs['too_short']:,} documents shorter than "

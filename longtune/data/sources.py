@@ -30,6 +30,12 @@ import pyarrow as pa
 from longtune.config import STDLIB_CORPUS
 from longtune.data.errors import DataError
 from longtune.data.pack import DOC, ERROR, LONG, SHORT
+from longtune.data.sft import RecordError, SftFields, record_messages
+from longtune.data.stdlib_qa import STDLIB_QA
+
+# stdlib-qa excerpts: a median 780 seed-tokenizer tokens with the question and template (90% under
+# 1,024), so most prompts fit the embedded default's 1024-token context and none the seed's 256
+QA_CONTEXT_CHARS = 2400
 
 # Files in a directory are read when their suffix says text; an explicitly named file is
 # read as text whatever its suffix.
@@ -46,6 +52,7 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 _REMOTE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 # Skip reasons listed per record stop after this many per file; the rest are one row.
 _ERRORS_LISTED_PER_FILE = 3
+_SFT_ERRORS_LISTED_PER_FILE = 1000  # the manifest's own limit (MAX_LISTED_SKIPS)
 # A read task hands on its rows in chunks of about this many characters.
 _CHUNK_CHARS = 16 * 2**20
 
@@ -167,6 +174,29 @@ def _entries_under(fs, scheme: str, root: str, infos, min_doc_chars: int, stats:
     return entries
 
 
+def stdlib_qa_path() -> Path:
+    """Where the ``stdlib-qa`` records are cached: under $LONGTUNE_CACHE (else
+    ~/.cache/longtune), one file per Python version (the records follow its stdlib)."""
+    import sys
+
+    from longtune.seed import cache_root
+
+    version = f"py{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
+    return cache_root() / "stdlib-qa" / f"{version}-{QA_CONTEXT_CHARS}.jsonl"
+
+
+def _stdlib_qa_entry() -> FileEntry:
+    """The ``stdlib-qa`` source: the synthetic long-context Q&A records of
+    longtune.data.stdlib_qa, generated (a few seconds) and cached on first use. The cache
+    is on this machine: on a cluster of several nodes, use a copy on shared storage."""
+    from longtune.data.stdlib_qa import write_qa_jsonl
+
+    path = stdlib_qa_path()
+    if not path.is_file():
+        write_qa_jsonl(path, QA_CONTEXT_CHARS)  # atomic: concurrent builders write the same file
+    return FileEntry(str(path), "jsonl", path.stat().st_size, STDLIB_QA, False)
+
+
 def _stdlib_entries(min_doc_chars: int, stats: dict) -> list[FileEntry]:
     from longtune.data.stdlib import stdlib_files, stdlib_root
 
@@ -211,6 +241,8 @@ def _discover_one(source: str, min_doc_chars: int, stats: dict) -> list[FileEntr
 
     if source == STDLIB_CORPUS:
         return _stdlib_entries(min_doc_chars, stats)
+    if source == STDLIB_QA:
+        return [_stdlib_qa_entry()]
     scheme = _scheme(source)
     if _GLOB_CHARS.search(source):
         return _glob_entries(source, scheme, min_doc_chars, stats)
@@ -264,6 +296,10 @@ class ReadOptions:
     min_doc_chars: int
     max_doc_chars: int
     eval_fraction: float
+    # data.format sft: a record becomes a conversation, a document row whose text is the
+    # conversation's messages as JSON (longtune.data.sft); min_doc_chars does not apply
+    format: str = "text"
+    sft_fields: SftFields = SftFields()
 
 
 def _record(kind: str, source: str, key: str, opts: ReadOptions, *, text: str = "",
@@ -308,6 +344,12 @@ def _open(entry: FileEntry):
 
 
 def _read_text(entry: FileEntry, opts: ReadOptions) -> Iterator[dict[str, Any]]:
+    if opts.format == "sft":
+        yield _record(
+            ERROR, entry.uri, entry.key, opts,
+            reason="a text file, not SFT records (data.format=sft reads .jsonl, .json or .parquet)",
+        )
+        return
     if not entry.compressed and entry.size > 4 * opts.max_doc_chars:
         # Even at 4 bytes a character it is too long; do not load it.
         yield _record(
@@ -335,10 +377,13 @@ class _RecordErrors:
     def __init__(self, entry: FileEntry, opts: ReadOptions):
         self.entry, self.opts = entry, opts
         self.seen, self.more, self.first_more = 0, 0, ""
+        # an SFT record's fault is its own (a dataset's few bad records, each worth naming);
+        # a text file's bad records are usually all alike
+        self.listed = _SFT_ERRORS_LISTED_PER_FILE if opts.format == "sft" else _ERRORS_LISTED_PER_FILE
 
     def add(self, where: str, reason: str) -> Iterator[dict[str, Any]]:
         self.seen += 1
-        if self.seen <= _ERRORS_LISTED_PER_FILE:
+        if self.seen <= self.listed:
             yield _record(ERROR, f"{self.entry.uri}:{where}", self.entry.key, self.opts, reason=reason)
         else:
             self.more += 1
@@ -352,8 +397,29 @@ class _RecordErrors:
             )
 
 
+def _conversation_from(value: Any, where: str, entry: FileEntry, opts: ReadOptions,
+                       errors: _RecordErrors) -> Iterator[dict[str, Any]]:
+    try:
+        messages = record_messages(value, opts.sft_fields)
+    except RecordError as exc:
+        yield from errors.add(where, exc.reason)
+        return
+    chars = sum(len(m["content"]) for m in messages)
+    source, key = f"{entry.uri}:{where}", f"{entry.key}:{where}"
+    if chars > opts.max_doc_chars:
+        yield _record(
+            LONG, source, key, opts,
+            reason=f"record has {chars:,} characters, more than data.max_doc_chars={opts.max_doc_chars:,}",
+        )
+    else:
+        yield _record(DOC, source, key, opts, text=json.dumps(messages, ensure_ascii=False))
+
+
 def _document_from(value: Any, where: str, entry: FileEntry, opts: ReadOptions,
                    errors: _RecordErrors) -> Iterator[dict[str, Any]]:
+    if opts.format == "sft":
+        yield from _conversation_from(value, where, entry, opts, errors)
+        return
     field = opts.text_field
     key = f"{entry.key}:{where}"
     if isinstance(value, str):
@@ -417,6 +483,9 @@ def _read_parquet(entry: FileEntry, opts: ReadOptions) -> Iterator[dict[str, Any
     try:
         pfile = pq.ParquetFile(fs.open_input_file(path))
         schema = pfile.schema_arrow
+        if opts.format == "sft":
+            yield from _parquet_conversations(pfile, entry, opts)
+            return
         if field not in schema.names:
             columns = ", ".join(schema.names[:8])
             yield _record(
@@ -443,6 +512,28 @@ def _read_parquet(entry: FileEntry, opts: ReadOptions) -> Iterator[dict[str, Any
     except (OSError, pa.ArrowException) as exc:
         after = f" after {index:,} rows" if index else ""
         yield _record(ERROR, entry.uri, entry.key, opts, reason=f"unreadable parquet{after}: {exc}")
+
+
+def _parquet_conversations(pfile, entry: FileEntry, opts: ReadOptions) -> Iterator[dict[str, Any]]:
+    """SFT records from a parquet file (a Hugging Face dataset saved with ``to_parquet``):
+    the instruction/input/output or messages columns, one record per row."""
+    f = opts.sft_fields
+    names = pfile.schema_arrow.names
+    columns = [c for c in (f.messages, f.instruction, f.input, f.output) if c in names]
+    if f.messages not in names and f.instruction not in names:
+        yield _record(
+            ERROR, entry.uri, entry.key, opts,
+            reason=f"neither column {f.messages!r} nor {f.instruction!r} (data.sft fields); "
+            f"columns: {', '.join(names[:8])}",
+        )
+        return
+    errors = _RecordErrors(entry, opts)
+    index = 0
+    for batch in pfile.iter_batches(batch_size=256, columns=columns):
+        for record in batch.to_pylist():
+            yield from _conversation_from(record, f"row {index}", entry, opts, errors)
+            index += 1
+    yield from errors.flush()
 
 
 _READERS = {"text": _read_text, "jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet}

@@ -88,3 +88,73 @@ class TokenizeDocuments:
         values = pa.array(np.concatenate(ids) if ids else np.zeros(0, np.int32))
         column = pa.ListArray.from_arrays(offsets, values, type=pa.list_(pa.int32()))
         return batch.drop_columns(["text"]).append_column("input_ids", column)
+
+
+def special_tokens(tokenizer) -> dict[str, str]:
+    """The tokenizer's named special tokens (bos, eos, unk, pad) as strings, for rebuilding
+    it from its ``tokenizer.json`` in a Ray actor."""
+    names = ("bos_token", "eos_token", "unk_token", "pad_token")
+    return {n: str(getattr(tokenizer, n)) for n in names if getattr(tokenizer, n, None)}
+
+
+class TokenizeConversations:
+    """Ray Data actor-pool UDF for data.format sft: conversation rows (``text`` = messages as
+    JSON, from the readers) -> one ``example`` row each (input_ids, loss_mask = its targets)
+    and one stats row per batch: examples and tokens per split, truncated, dropped as too
+    long, invalid (each skipped record listed with its reason)."""
+
+    def __init__(self, tokenizer_json: str, specials: dict[str, str], template: str,
+                 max_tokens: int, overlong: str, train_on_prompt: bool):
+        from tokenizers import Tokenizer
+        from transformers import PreTrainedTokenizerFast
+
+        backend = Tokenizer.from_str(tokenizer_json)
+        backend.no_truncation()
+        backend.no_padding()
+        self.tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
+        self.template, self.max_tokens = template, max_tokens
+        self.overlong, self.train_on_prompt = overlong, train_on_prompt
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import json as _json
+
+        from longtune.data.pack import ERROR, EXAMPLE, LONG, SHORT, STATS, _add, _lists
+        from longtune.data.sft import RecordError, encode_example
+
+        stats: dict = {"documents": {}, "tokens": {}, "short": 0, "long": 0, "errors": 0, "skipped": [],
+                       "truncated": 0, "truncated_tokens": 0}
+        rows: list[tuple[str, str, np.ndarray, np.ndarray]] = []
+        kinds = batch.column("kind").to_pylist()
+        for i, kind in enumerate(kinds):
+            source = batch.column("source")[i].as_py()
+            if kind == DOC:
+                split = batch.column("split")[i].as_py()
+                try:
+                    ex = encode_example(
+                        self.tokenizer, self.template, _json.loads(batch.column("text")[i].as_py()),
+                        max_tokens=self.max_tokens, overlong=self.overlong,
+                        train_on_prompt=self.train_on_prompt,
+                    )
+                except RecordError as exc:
+                    stats["long" if exc.kind == LONG else "errors"] += 1
+                    stats["skipped"].append([source, exc.reason])
+                    continue
+                rows.append((EXAMPLE, split, ex.ids, ex.targets))
+                _add(stats["documents"], split, 1)
+                _add(stats["tokens"], split, len(ex.ids))
+                stats["truncated"] += ex.truncated > 0
+                stats["truncated_tokens"] += ex.truncated
+            elif kind == SHORT:
+                stats["short"] += batch.column("count")[i].as_py()
+            elif kind in (LONG, ERROR):
+                stats["long" if kind == LONG else "errors"] += batch.column("count")[i].as_py()
+                stats["skipped"].append([source, batch.column("reason")[i].as_py()])
+        empty = np.zeros(0, np.int32)
+        rows.append((STATS, "", empty, empty))
+        return pa.table({
+            "kind": [r[0] for r in rows],
+            "split": [r[1] for r in rows],
+            "input_ids": _lists([r[2] for r in rows]),
+            "loss_mask": _lists([r[3] for r in rows]),
+            "stats": [""] * (len(rows) - 1) + [_json.dumps(stats)],
+        })

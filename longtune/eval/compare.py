@@ -27,7 +27,13 @@ def score_models(
     on_gpu = torch.cuda.is_available()
     weights = resolve_precision(config.model, config.train, "cuda" if on_gpu else "cpu").weights
     tokenizer = load_tokenizer_for(config.model)
-    documents = load_eval_documents(config, tokenizer)
+    documents, examples = None, None
+    if config.data.format == "sft":
+        from longtune.eval.sft import load_eval_examples
+
+        examples = load_eval_examples(config, tokenizer)
+    elif config.eval.lengths:
+        documents = load_eval_documents(config, tokenizer)
     results = {}
     for name, variant in variants.items():
         model_cfg = config.model.model_copy(
@@ -39,7 +45,9 @@ def score_models(
         model.to("cuda" if on_gpu else "cpu")
         if console is not None:
             console.print(f"[bold]scoring[/] {name}")
-        results[name] = evaluate_model(model, tokenizer, config, documents=documents, console=console)
+        results[name] = evaluate_model(
+            model, tokenizer, config, documents=documents, examples=examples, console=console
+        )
         del model
     return results
 
@@ -50,13 +58,18 @@ def comparison_table(results: dict[str, dict[str, float]], lengths: list[int], t
 
     table = Table(title=title)
     table.add_column("model")
+    sft = [k for k, _ in _SFT if any(k in r for r in results.values())]
+    lengths = [] if sft else lengths  # SFT data is scored by response, not by length
     for length in lengths:
         table.add_column(f"ppl @ {length}", justify="right")
+    for key in sft:
+        table.add_column(dict(_SFT)[key], justify="right")
     with_passkey = any(k.startswith("passkey_acc_") for r in results.values() for k in r)
     if with_passkey:
         table.add_column("passkey", justify="right")
     for name, metrics in results.items():
         cells = [f"{metrics[f'ppl_{n}']:.2f}" if f"ppl_{n}" in metrics else "-" for n in lengths]
+        cells += [_sft_cell(metrics, key) for key in sft]
         if with_passkey:
             # by length, not by key: "passkey_acc_1024" sorts before "passkey_acc_256"
             keys = sorted((k for k in metrics if k.startswith("passkey_acc_")), key=lambda k: int(k.rsplit("_", 1)[1]))
@@ -64,6 +77,18 @@ def comparison_table(results: dict[str, dict[str, float]], lengths: list[int], t
             cells.append(" / ".join(accs))
         table.add_row(name, *cells)
     return table
+
+
+# data.format sft: the figures instead of perplexity by length, with their column titles
+_SFT = (("response_loss", "response loss"), ("exact_match", "exact match"))
+
+
+def _sft_cell(metrics: dict[str, float], key: str) -> str:
+    if key not in metrics:
+        return "-"
+    if key == "exact_match":
+        return f"{metrics[key]:.0%} of {int(metrics.get('exact_match_trials', 0))}"
+    return f"{metrics[key]:.3f}"
 
 
 # a length's figures, in the order the tables show them: (metric prefix, column prefix)
@@ -97,10 +122,14 @@ def comparison_markdown(results: dict[str, dict[str, float]], lengths: list[int]
     model, perplexity at each of ``lengths``, then passkey accuracy at each length scored."""
     passkey = sorted({int(k.rsplit("_", 1)[1]) for r in results.values() for k in r
                       if k.startswith("passkey_acc_") and k.rsplit("_", 1)[1].isdigit()})
-    header = ["model", *(f"ppl @ {n:,}" for n in lengths), *(f"passkey @ {n:,}" for n in passkey)]
+    sft = [k for k, _ in _SFT if any(k in r for r in results.values())]
+    lengths = [] if sft else lengths
+    header = ["model", *(f"ppl @ {n:,}" for n in lengths), *(dict(_SFT)[k] for k in sft),
+              *(f"passkey @ {n:,}" for n in passkey)]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join([" --- "] + [" ---: "] * (len(header) - 1)) + "|"]
     for name, metrics in results.items():
         cells = [f"{metrics[f'ppl_{n}']:.2f}" if f"ppl_{n}" in metrics else "-" for n in lengths]
+        cells += [_sft_cell(metrics, k) for k in sft]
         cells += [f"{metrics[f'passkey_acc_{n}']:.0%}" if f"passkey_acc_{n}" in metrics else "-" for n in passkey]
         lines.append("| " + " | ".join([name.replace("|", "\\|"), *cells]) + " |")
     return "\n".join(lines)

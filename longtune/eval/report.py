@@ -42,10 +42,13 @@ class EvalReport:
     perplexity: PerplexityReport | None
     passkey: PasskeyReport
     model_info: dict[str, Any] = field(default_factory=dict)  # original/target context, factor, ...
+    sft: dict[str, float] | None = None  # response_loss, exact_match (data.format sft)
 
     def metrics(self) -> dict[str, float]:
-        """``ppl_<L>``, ``eval_nll_<L>``, ``eval_tokens_<L>``, ``passkey_acc_<L>``."""
+        """``ppl_<L>``, ``eval_nll_<L>``, ``eval_tokens_<L>``, ``passkey_acc_<L>``; for SFT
+        data ``response_loss``, ``exact_match``, ``exact_match_trials`` instead of perplexity."""
         out = self.perplexity.metrics() if self.perplexity else {}
+        out.update(self.sft or {})
         out.update(self.passkey.metrics())
         return out
 
@@ -64,6 +67,7 @@ class EvalReport:
                 "spans_available": ppl.spans_available,
                 "lengths": [asdict(s) for s in ppl.scores.values()],
             },
+            "sft": self.sft,
             "passkey": {
                 "lengths": [
                     {**asdict(s), "accuracy": s.accuracy} for s in self.passkey.scores.values()
@@ -82,15 +86,27 @@ def run_evaluation(
     config: Config,
     *,
     documents: list[list[int]] | None = None,
+    examples=None,
     console=None,
     progress: bool = True,
 ) -> EvalReport:
-    """Perplexity at ``eval.lengths`` and passkey retrieval at ``eval.passkey_lengths`` for a
-    model in memory, full attention, in eval mode (its mode and attention are restored after).
-    ``documents`` (token ids from ``load_eval_documents``) are read when not given."""
+    """Perplexity at ``eval.lengths`` (for SFT data: response loss and exact match on
+    held-out examples instead, ``longtune.eval.sft``) and passkey retrieval at
+    ``eval.passkey_lengths`` for a model in memory, full attention, in eval mode (its mode
+    and attention are restored after). ``documents`` (token ids from
+    ``load_eval_documents``) and ``examples`` (``load_eval_examples``) are read when not given."""
     e = config.eval
     ppl = None
-    if e.lengths:
+    sft = None
+    if config.data.format == "sft":
+        from longtune.eval.sft import load_eval_examples, sft_scores
+
+        if examples is None:
+            examples = load_eval_examples(config, tokenizer)
+        if examples:
+            sft = sft_scores(model, tokenizer, examples, answer_tokens=e.sft_answer_tokens,
+                             console=console, progress=progress)
+    elif e.lengths:
         if documents is None:
             documents = load_eval_documents(config, tokenizer)
         ppl = perplexity(
@@ -112,7 +128,7 @@ def run_evaluation(
         console=console,
         progress=progress,
     )
-    return EvalReport(ppl, passkey)
+    return EvalReport(ppl, passkey, sft=sft)
 
 
 def evaluate_model(
@@ -121,13 +137,15 @@ def evaluate_model(
     config: Config,
     *,
     documents: list[list[int]] | None = None,
+    examples=None,
     console=None,
     progress: bool = True,
 ) -> dict[str, float]:
     """``run_evaluation(...).metrics()``: {"ppl_256": ..., "eval_nll_256": ...,
     "eval_tokens_256": ..., "passkey_acc_256": ..., ...}."""
     return run_evaluation(
-        model, tokenizer, config, documents=documents, console=console, progress=progress
+        model, tokenizer, config, documents=documents, examples=examples, console=console,
+        progress=progress,
     ).metrics()
 
 

@@ -218,7 +218,8 @@ class DataConfig(_Section):
     sources: list[str] = Field(
         default_factory=lambda: [STDLIB_CORPUS],
         description="Documents to train on: paths, globs or s3:// / gs:// URIs of text dirs, "
-        f".jsonl/.json or .parquet files; `{STDLIB_CORPUS}` = the Python standard library.",
+        f".jsonl/.json or .parquet files; `{STDLIB_CORPUS}` = the Python standard library; "
+        "`stdlib-qa` = long-context questions about it (data.format sft).",
     )
     prepared_path: str | None = Field(
         None,

@@ -318,3 +318,22 @@ def test_sft_trains_on_two_workers_scores_before_and_after_and_exports_a_chat_mo
     prompt = generate.tokenizer.apply_chat_template(
         [{"role": "user", "content": "kalo mi?"}], tokenize=False, add_generation_prompt=True)
     assert prompt == "ka lo\n\n### Instruction:\nkalo mi?\n\n### Response:\n"  # as trained
+
+
+def test_the_stdlib_qa_source_is_generated_once_and_reads_as_sft_records(tmp_path, monkeypatch):
+    """`data.sources: [stdlib-qa]`: the demo's records, cached under $LONGTUNE_CACHE, read
+    through the SFT reader; every prompt holds its answer near its start."""
+    from longtune.data.pack import DOC
+    from longtune.data.sources import ReadOptions, discover, read_file
+
+    monkeypatch.setenv("LONGTUNE_CACHE", str(tmp_path))
+    (entry,) = discover(["stdlib-qa"], 8000).files
+    assert entry.kind == "jsonl" and Path(entry.uri).is_relative_to(tmp_path)
+    mtime = Path(entry.uri).stat().st_mtime_ns
+    assert Path(discover(["stdlib-qa"], 0).files[0].uri).stat().st_mtime_ns == mtime  # cached
+    rows = list(read_file(entry, ReadOptions("text", 8000, 10**9, 0.1, format="sft")))
+    assert len(rows) > 500 and all(r["kind"] == DOC for r in rows)
+    assert {r["split"] for r in rows} == {"train", "eval"}
+    for row in rows[:50]:
+        user, answer = json.loads(row["text"])
+        assert answer["content"] in user["content"][: len(user["content"]) // 4]

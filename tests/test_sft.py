@@ -242,6 +242,17 @@ def test_prepare_sft_counts_every_skip_truncates_and_keeps_examples_whole(ray_lo
     assert int(mask.sum()) == sft["target_tokens"]["train"]
     assert manifest["tokens"]["in_blocks"]["train"] == manifest["tokens"]["tokenized"]["train"]
 
+    # evaluation reads the same held-out examples from the prepared blocks as from the records
+    from longtune.config import with_overrides
+    from longtune.eval.sft import load_eval_examples
+    from longtune.models import load_tokenizer_for
+
+    tokenizer = load_tokenizer_for(config.model)
+    prepared = load_eval_examples(config, tokenizer)
+    direct = load_eval_examples(with_overrides(config, {"data.prepared_path": None}), tokenizer)
+    as_set = lambda examples: sorted((tuple(i.tolist()), tuple(t.tolist())) for i, t in examples)  # noqa: E731
+    assert len(prepared) == kept["eval"] and as_set(prepared) == as_set(direct)
+
 
 def test_prepare_sft_reads_a_parquet_dataset_and_fails_when_nothing_is_left(ray_local, tmp_path, tiny_model_dir):
     import pyarrow as pa

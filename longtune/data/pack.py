@@ -297,30 +297,31 @@ def merge_pieces(batch: pa.Table, opts: PackOptions, *, with_stats: bool = True)
             parts_pos.append(final_positions(b_pos, opts.position_ids))
             parts_mask.append(b_mask if b_mask is not None else np.ones(b_ids.shape, np.int8))
     n = len(out_split)
-    all_ids = np.concatenate(parts_ids) if n else np.zeros((0, L), np.int32)
-    all_pos = np.concatenate(parts_pos) if n else np.zeros((0, L), np.int32)
-    all_mask = np.concatenate(parts_mask) if n else np.zeros((0, L), np.int8)
+    return block_table(out_split, parts_ids, parts_pos, parts_mask, L, masked=opts.masked,
+                       stats_rows=passed_stats + [json.dumps(stats)] if with_stats else None)
 
-    if not with_stats:
-        columns = {
-            "input_ids": _fixed(all_ids, 0, L, pa.int32()),
-            "position_ids": _fixed(all_pos, 0, L, pa.int32()),
-        }
-        if opts.masked:
-            columns["loss_mask"] = _fixed(all_mask, 0, L, pa.int8())
-        return pa.table(columns)
 
-    stats_rows = passed_stats + [json.dumps(stats)]
-    k = len(stats_rows)
-    columns = {
-        "kind": [BLOCK] * n + [STATS] * k,
-        "split": out_split + [""] * k,
-        "input_ids": _fixed(all_ids, k, L, pa.int32()),
-        "position_ids": _fixed(all_pos, k, L, pa.int32()),
-    }
-    if opts.masked:
+def block_table(splits: list[str], ids: list[np.ndarray], positions: list[np.ndarray],
+                masks: list[np.ndarray], L: int, *, masked: bool, stats_rows: list[str] | None) -> pa.Table:
+    """A packing pass's output from its blocks (``ids``, ``positions``, ``masks``: (n_i, L)
+    arrays, ``splits`` one name per block row): training-ready input_ids, position_ids
+    [, loss_mask] columns (fixed_size_list[L]) when ``stats_rows`` is None, else with kind,
+    split and stats columns and the stats rows after the blocks (for the writer)."""
+    n = len(splits)
+    all_ids = np.concatenate(ids) if n else np.zeros((0, L), np.int32)
+    all_pos = np.concatenate(positions) if n else np.zeros((0, L), np.int32)
+    all_mask = np.concatenate(masks) if n else np.zeros((0, L), np.int8)
+    k = 0 if stats_rows is None else len(stats_rows)
+    columns: dict[str, Any] = {}
+    if stats_rows is not None:
+        columns["kind"] = [BLOCK] * n + [STATS] * k
+        columns["split"] = list(splits) + [""] * k
+    columns["input_ids"] = _fixed(all_ids, k, L, pa.int32())
+    columns["position_ids"] = _fixed(all_pos, k, L, pa.int32())
+    if masked:
         columns["loss_mask"] = _fixed(all_mask, k, L, pa.int8())
-    columns["stats"] = [""] * n + stats_rows
+    if stats_rows is not None:
+        columns["stats"] = [""] * n + stats_rows
     return pa.table(columns)
 
 
@@ -353,23 +354,6 @@ def pack_sft(batch: pa.Table, opts: PackOptions, *, with_stats: bool = True) -> 
         parts.append(packed)
         out_split += [split] * len(packed.ids)
         _add(stats["pad_tokens"], split, packed.padding)
-    n = len(out_split)
-    all_ids = np.concatenate([p.ids for p in parts]) if n else np.zeros((0, L), np.int32)
-    all_pos = np.concatenate([p.positions for p in parts]) if n else np.zeros((0, L), np.int32)
-    all_mask = np.concatenate([p.loss_mask for p in parts]) if n else np.zeros((0, L), np.int8)
-    if not with_stats:
-        return pa.table({
-            "input_ids": _fixed(all_ids, 0, L, pa.int32()),
-            "position_ids": _fixed(all_pos, 0, L, pa.int32()),
-            "loss_mask": _fixed(all_mask, 0, L, pa.int8()),
-        })
-    stats_rows = passed_stats + [json.dumps(stats)]
-    k = len(stats_rows)
-    return pa.table({
-        "kind": [BLOCK] * n + [STATS] * k,
-        "split": out_split + [""] * k,
-        "input_ids": _fixed(all_ids, k, L, pa.int32()),
-        "position_ids": _fixed(all_pos, k, L, pa.int32()),
-        "loss_mask": _fixed(all_mask, k, L, pa.int8()),
-        "stats": [""] * n + stats_rows,
-    })
+    return block_table(out_split, [p.ids for p in parts], [p.positions for p in parts],
+                       [p.loss_mask for p in parts], L, masked=True,
+                       stats_rows=passed_stats + [json.dumps(stats)] if with_stats else None)

@@ -165,38 +165,20 @@ def _blocks(config: Config, plan: _Plan, *, split: str | None, with_stats: bool)
     if d.max_documents is not None:
         ds = ds.limit(d.max_documents)
     if d.format == "sft":
-        return _sft_blocks(config, plan, ds, with_stats=with_stats)
-    ds = ds.map_batches(
-        _TokenizeAndPack,
-        fn_constructor_kwargs={
-            "tokenizer_json": plan.tokenizer_json, "eos_id": plan.eos_id, "pack": plan.pack,
-        },
-        compute=ActorPoolStrategy(size=d.tokenize_concurrency),
-        num_cpus=1,
-        batch_size=d.tokenize_batch_size,
-        batch_format="pyarrow",
-        udf_modifying_row_count=True,
-    )
-    return ds.map_batches(
-        merge_pieces,
-        fn_kwargs={"opts": plan.pack, "with_stats": with_stats},
-        batch_size=max(1, d.pack_batch_tokens // plan.pack.context_length),
-        batch_format="pyarrow",
-        udf_modifying_row_count=True,
-    )
-
-
-def _sft_blocks(config: Config, plan: _Plan, ds, *, with_stats: bool):
-    """data.format sft: conversations -> examples (actor pool) -> padded blocks. The packing
-    batch is in examples: about pack_batch_tokens of them at the longest."""
-    d = config.data
-    ds = ds.map_batches(
-        TokenizeConversations,
-        fn_constructor_kwargs={
+        # conversations -> examples with their targets (actor pool) -> padded blocks; the
+        # packing batch is in examples: about pack_batch_tokens of them at the longest
+        tokenize, packer = TokenizeConversations, pack_sft
+        kwargs = {
             "tokenizer_json": plan.tokenizer_json, "specials": plan.specials,
             "template": plan.template[1], "max_tokens": config.context_length,
             "overlong": d.sft.overlong, "train_on_prompt": d.sft.train_on_prompt,
-        },
+        }
+    else:
+        tokenize, packer = _TokenizeAndPack, merge_pieces
+        kwargs = {"tokenizer_json": plan.tokenizer_json, "eos_id": plan.eos_id, "pack": plan.pack}
+    ds = ds.map_batches(
+        tokenize,
+        fn_constructor_kwargs=kwargs,
         compute=ActorPoolStrategy(size=d.tokenize_concurrency),
         num_cpus=1,
         batch_size=d.tokenize_batch_size,
@@ -204,7 +186,7 @@ def _sft_blocks(config: Config, plan: _Plan, ds, *, with_stats: bool):
         udf_modifying_row_count=True,
     )
     return ds.map_batches(
-        pack_sft,
+        packer,
         fn_kwargs={"opts": plan.pack, "with_stats": with_stats},
         batch_size=max(1, d.pack_batch_tokens // plan.pack.context_length),
         batch_format="pyarrow",

@@ -348,3 +348,22 @@ def test_the_stdlib_qa_source_is_generated_once_and_reads_as_sft_records(tmp_pat
     for row in rows[:50]:
         user, answer = json.loads(row["text"])
         assert answer["content"] in user["content"][: len(user["content"]) // 4]
+
+
+def test_an_sft_evaluation_is_reported_by_response_not_by_length():
+    from rich.console import Console
+
+    from longtune.config import load_config
+    from longtune.eval.passkey import PasskeyReport
+    from longtune.eval.report import EvalReport, description, results_table
+
+    report = EvalReport(None, PasskeyReport(), sft={"response_loss": 4.25, "exact_match": 0.25,
+                                                     "exact_match_trials": 8.0})
+    assert report.metrics() == {"response_loss": 4.25, "exact_match": 0.25, "exact_match_trials": 8.0}
+    console = Console(record=True, width=100)
+    console.print(results_table(report))
+    shown = console.export_text()
+    assert "4.2500" in shown and "2/8 (25%)" in shown and "perplexity" not in shown
+    text = description(load_config(None, ["data.format=sft"]), report)
+    assert "| response loss | 4.2500 |" in text and "| exact match | 25% of 8 |" in text
+    assert "| length |" not in text

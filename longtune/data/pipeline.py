@@ -172,6 +172,7 @@ def _blocks(config: Config, plan: _Plan, *, split: str | None, with_stats: bool)
             "tokenizer_json": plan.tokenizer_json, "specials": plan.specials,
             "template": plan.template[1], "max_tokens": config.context_length,
             "overlong": d.sft.overlong, "train_on_prompt": d.sft.train_on_prompt,
+            "log_skips": not with_stats and split == "train",  # streaming: no manifest lists them
         }
     else:
         tokenize, packer = _TokenizeAndPack, merge_pieces

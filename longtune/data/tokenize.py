@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 
 import numpy as np
 import pyarrow as pa
@@ -101,10 +102,11 @@ class TokenizeConversations:
     """Ray Data actor-pool UDF for data.format sft: conversation rows (``text`` = messages as
     JSON, from the readers) -> one ``example`` row each (input_ids, loss_mask = its targets)
     and one stats row per batch: examples and tokens per split, truncated, dropped as too
-    long, invalid (each skipped record listed with its reason)."""
+    long, invalid (each skipped record listed with its reason). ``log_skips``: also log each
+    record this step skips (streaming into training keeps no manifest)."""
 
     def __init__(self, tokenizer_json: str, specials: dict[str, str], template: str,
-                 max_tokens: int, overlong: str, train_on_prompt: bool):
+                 max_tokens: int, overlong: str, train_on_prompt: bool, log_skips: bool = False):
         from tokenizers import Tokenizer
         from transformers import PreTrainedTokenizerFast
 
@@ -114,6 +116,7 @@ class TokenizeConversations:
         self.tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
         self.template, self.max_tokens = template, max_tokens
         self.overlong, self.train_on_prompt = overlong, train_on_prompt
+        self.log_skips = log_skips
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import json as _json
@@ -136,6 +139,8 @@ class TokenizeConversations:
                         train_on_prompt=self.train_on_prompt,
                     )
                 except RecordError as exc:
+                    if self.log_skips:
+                        logging.getLogger(__name__).warning("longtune data: skipped %s: %s", source, exc.reason)
                     stats["long" if exc.kind == LONG else "errors"] += 1
                     stats["skipped"].append([source, exc.reason])
                     continue

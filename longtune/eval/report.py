@@ -180,6 +180,19 @@ def results_table(report: EvalReport, title: str = "longtune evaluate"):
             f"{s.ppl:.2f}" if s else "-",
             f"{k.passed}/{k.trials} ({k.accuracy:.0%})" if k else "-",
         )
+    if report.sft:  # SFT data: scored by response, not by length
+        sft = Table(title=f"{title}: held-out SFT examples, full attention", caption=caption)
+        sft.add_column("response loss", justify="right")
+        sft.add_column("exact match", justify="right")
+        trials = int(report.sft["exact_match_trials"])
+        match = report.sft.get("exact_match")
+        sft.add_row(f"{report.sft['response_loss']:.4f}",
+                    f"{round(match * trials)}/{trials} ({match:.0%})" if match is not None else "-")
+        if not (ppl or keys):
+            return sft
+        from rich.console import Group
+
+        return Group(sft, table)
     return table
 
 
@@ -281,7 +294,15 @@ def description(config: Config, report: EvalReport) -> str:
     if info.get("original_context"):
         lines += [f"trained context {info['original_context']:,}, positions interpolated to "
                   f"{info['target_context']:,} (x{info['rope_factor']:g}); full attention", ""]
+    if report.sft:
+        match = report.sft.get("exact_match")
+        lines += ["| held-out SFT examples | |", "| --- | ---: |",
+                  f"| response loss | {report.sft['response_loss']:.4f} |",
+                  f"| exact match | {'-' if match is None else f'{match:.0%}'} of "
+                  f"{int(report.sft['exact_match_trials'])} |", ""]
     columns = length_columns(report)
+    if not columns["length"]:
+        return "\n".join(lines)
     lines += ["| length | perplexity | passkey |", "| ---: | ---: | ---: |"]
     for n, p, k in zip(columns["length"], columns["ppl"], columns["passkey"]):
         lines.append(f"| {n:,} | {'-' if p is None else f'{p:.2f}'} | {'-' if k is None else f'{k:.0%}'} |")
@@ -314,7 +335,9 @@ def evaluate(config: Config, *, console=None, out=None) -> tuple[EvalReport, str
     # ---------------------------------------------------------------- paths, data
     _check_paths(config)
     tokenizer = load_tokenizer_for(m, config.data.tokenizer)
-    documents = load_eval_documents(config, tokenizer) if config.eval.lengths else None
+    documents = None  # SFT data is scored by response (longtune.eval.sft), read in run_evaluation
+    if config.eval.lengths and config.data.format != "sft":
+        documents = load_eval_documents(config, tokenizer)
 
     # ---------------------------------------------------------------- model
     on_gpu = torch.cuda.is_available()

@@ -73,6 +73,13 @@ def fsdp_conflict(config: "Config") -> str | None:
     to use instead; None when it can (or the strategy is ddp)."""
     if config.train.strategy != "fsdp":
         return None
+    if config.model.quantization != "none":
+        return (
+            f"model.quantization={config.model.quantization} does not run with train.strategy=fsdp: "
+            "FSDP corrupts bitsandbytes' packed quantized weights when it shards them "
+            "(bitsandbytes issue #1945); use train.strategy=ddp (a 4-bit 70B base fits one GPU) "
+            "or model.quantization=none"
+        )
     if config.adapter.type == "adalora":
         return (
             "adapter.type=adalora does not run with train.strategy=fsdp: PEFT's AdaLoRA allocator reads "
@@ -161,6 +168,18 @@ class ModelConfig(_Section):
         description="Dtype the base weights load in; auto = bfloat16 on GPU (float16 on GPUs "
         "without bf16), float32 on CPU or with train.precision=fp32. Trained parameters "
         "(LoRA, embeddings, norms) are float32 whatever this is.",
+    )
+    quantization: Literal["none", "nf4", "fp4", "int8"] = Field(
+        "none",
+        description="QLoRA: load the base's decoder linear layers quantized by bitsandbytes (the "
+        "[qlora] extra): nf4 or fp4 (4-bit), int8 (LLM.int8); the LoRA factors, trained embeddings "
+        "and norms stay unquantized in float32. Not with train.strategy=fsdp.",
+    )
+    quantization_compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Dtype the 4-bit layers dequantize to and compute in."
+    )
+    double_quantization: bool = Field(
+        True, description="4-bit: quantize the quantization constants too (~0.4 bits a weight saved)."
     )
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward.")
     activation_offload: bool = Field(
@@ -646,6 +665,12 @@ class Config(_Section):
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":
         a = self.adapter
+        if self.model.quantization != "none" and a.type in ("lora2", "adalora"):
+            raise ValueError(
+                f"model.quantization={self.model.quantization} trains adapter.type lora or lora_plus "
+                f"(PEFT's LoRA on bitsandbytes layers); adapter.type={a.type} wraps plain linear "
+                "layers only: use adapter.type=lora_plus or model.quantization=none"
+            )
         if a.type in ("lora2", "adalora"):
             if a.pruning.target_rank > a.rank:
                 raise ValueError(

@@ -268,6 +268,47 @@ def _offloaded(checkpoint_func, *args, **kwargs):
         return checkpoint_func(*args, **kwargs)
 
 
+def quantization_config(model_cfg: ModelConfig):
+    """The ``BitsAndBytesConfig`` of ``model.quantization`` (None for ``none``): the decoder's
+    linear layers quantized, the embeddings, norms and LM head not (transformers keeps the
+    output embedding unquantized)."""
+    q = model_cfg.quantization
+    if q == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelError(
+            f"model.quantization={q} needs bitsandbytes: pip install 'longtune[qlora]'"
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    if q == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q,
+        bnb_4bit_use_double_quant=model_cfg.double_quantization,
+        bnb_4bit_compute_dtype=getattr(torch, model_cfg.quantization_compute_dtype),
+    )
+
+
+def keep_4bit_layout(model) -> None:
+    """Turn off bitsandbytes' CPU repacking of 4-bit weights. On a CPU with AVX512-BF16 the
+    first forward of a ``Linear4bit`` in eval mode without gradients rewrites its packed
+    weight in place into a layout only an inference kernel reads (``gemv_4bit``): from then
+    on the layer passes no gradient to its input, ignores the compute dtype, and
+    dequantizing it (export) gives wrong weights — silently, also back in train mode. A
+    before/after evaluation or a checkpoint's held-out loss is such a forward."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
 def load_model(
     model_cfg: ModelConfig,
     *,
@@ -309,12 +350,22 @@ def load_model(
             )
         model.eval()  # as from_pretrained leaves it
     else:
+        quantized = quantization_config(model_cfg)
+        placement = {}
+        if quantized is not None:
+            # bitsandbytes places the quantized weights as it loads them: on this worker's own
+            # GPU (Ray Train sets the current device; it is not always cuda:0), else the CPU
+            placement = {"quantization_config": quantized,
+                         "device_map": {"": torch.cuda.current_device() if on_gpu else "cpu"}}
         model = AutoModelForCausalLM.from_pretrained(
             path,
             config=config,
             dtype=dtype,
             trust_remote_code=model_cfg.trust_remote_code,
+            **placement,
         )
+        if quantized is not None:
+            keep_4bit_layout(model)
     if for_training:
         model.config.use_cache = False  # no KV cache in training
         if model_cfg.activation_offload and not model_cfg.gradient_checkpointing:

@@ -1,0 +1,121 @@
+"""QLoRA (model.quantization): a bitsandbytes 4-bit / 8-bit base with LoRA+ on top, on this
+CPU (bitsandbytes runs nf4, fp4 and int8 on x86 CPUs): loading, training, reload, export by
+dequantizing and merging, the refusals, the plan."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("bitsandbytes")  # the [qlora] extra; [dev] installs it
+
+from longtune.config import ConfigError, load_config  # noqa: E402
+
+
+def qlora_config(tiny_model_dir, *extra):
+    return load_config(None, [f"model.name_or_path={tiny_model_dir}", "model.target_context=128",
+                              "model.quantization=nf4", "attention.type=s2", *extra])
+
+
+def test_the_base_loads_quantized_and_only_the_adapter_trains_in_fp32(tiny_model_dir):
+    import bitsandbytes as bnb
+
+    from longtune.models import load_model
+    from longtune.train.parallel import adapted_model
+
+    config = qlora_config(tiny_model_dir)
+    base, _ = load_model(config.model, path=tiny_model_dir)
+    quantized = [n for n, m in base.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(quantized) == 2 * 7  # q, k, v, o, gate, up, down in each of 2 layers
+    assert not isinstance(base.lm_head, bnb.nn.Linear4bit)  # the head stays unquantized
+    model = adapted_model(config, base)
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(p.dtype == torch.float32 for p in trained.values())
+    assert any("lora_A" in n for n in trained) and any("embed_tokens" in n for n in trained)
+
+
+def test_a_4bit_base_trains_and_an_eval_forward_does_not_break_its_gradients(tiny_model_dir, tmp_path):
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a Linear4bit's weight for an inference
+    kernel at its first eval-mode no-grad forward, after which no gradient reaches the layers
+    below it: longtune turns that off, so a held-out score between steps changes nothing."""
+    from longtune.adapters import load_adapter, save_adapter
+    from longtune.models import load_model
+    from longtune.train.loss import LanguageModelLoss, block_inputs
+    from longtune.train.parallel import adapted_model
+
+    import bitsandbytes as bnb
+
+    config = qlora_config(tiny_model_dir, "attention.type=full")
+    base = load_model(config.model, path=tiny_model_dir)[0]
+    layer = next(m for m in base.modules() if isinstance(m, bnb.nn.Linear4bit))
+    weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).clone()
+    x = torch.randn(3, layer.in_features, requires_grad=True)
+    layer(x).sum().backward()
+    grad, x.grad = x.grad.clone(), None
+    layer.eval()
+    with torch.no_grad():
+        layer(x.detach())  # what a checkpoint's held-out loss does
+    layer.train()
+    layer(x).sum().backward()
+    assert x.grad is not None and torch.equal(x.grad, grad)  # without the fix: None
+    assert torch.equal(bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state), weight)
+
+    model = adapted_model(config, base)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 300, (2, 64), generator=g)
+    batch = {"input_ids": ids, "position_ids": torch.arange(64).expand(2, 64)}
+    loss_fn = LanguageModelLoss(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    losses = []
+    for _ in range(15):
+        opt.zero_grad()
+        loss = loss_fn(*block_inputs(batch))
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0]
+
+    # the adapter reloads onto a fresh 4-bit base with the very same logits
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    save_adapter(model, tmp_path / "adapter")
+    reloaded = load_adapter(load_model(config.model, path=tiny_model_dir, for_training=False)[0], tmp_path / "adapter")
+    reloaded.eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, expected)
+
+
+@pytest.mark.parametrize("kind", ["fp4", "int8"])
+def test_the_other_quantizations_load_and_train(tiny_model_dir, kind):
+    from longtune.models import load_model
+    from longtune.train.loss import LanguageModelLoss, block_inputs
+    from longtune.train.parallel import adapted_model
+
+    config = qlora_config(tiny_model_dir, f"model.quantization={kind}", "attention.type=full")
+    model = adapted_model(config, load_model(config.model, path=tiny_model_dir)[0])
+    ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "position_ids": torch.arange(32).expand(2, 32)}
+    loss_fn = LanguageModelLoss(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(10):
+        opt.zero_grad()
+        loss = loss_fn(*block_inputs(batch))
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_refusals_name_the_setting(tiny_model_dir):
+    with pytest.raises(ConfigError, match=r"model.quantization=nf4 does not run with train.strategy=fsdp.*#1945"):
+        qlora_config(tiny_model_dir, "train.strategy=fsdp")
+    with pytest.raises(ConfigError, match=r"adapter.type=lora2 wraps plain linear layers only"):
+        qlora_config(tiny_model_dir, "adapter.type=lora2", "adapter.pruning.target_rank=2")
+    with pytest.raises(ConfigError, match="model.quantization"):
+        qlora_config(tiny_model_dir, "model.quantization=nf8")

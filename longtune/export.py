@@ -56,6 +56,10 @@ PEFT_NAME_PARTS = ("lora_", "base_layer", "modules_to_save", "original_module", 
 MERGE_ATOL = 1e-3
 """Largest |merged - adapted| logit difference (fp32, before the cast) accepted."""
 
+QUANTIZED_MERGE_ATOL = 0.05
+"""The same for a quantized base: the merged fp32 model against the quantized base + adapter,
+which computes in model.quantization_compute_dtype (bf16 by default). Measured: README "QLoRA"."""
+
 
 class ExportError(LongtuneError, RuntimeError):
     """The export cannot be done as configured; the message says why and what to change."""
@@ -120,11 +124,26 @@ def export_model(config: Config, *, console=None) -> Path:
                           generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = adapted(input_ids=probe).logits
+    quantized = m.quantization != "none"
+    if quantized:
+        # The adapter was trained on the quantized base: merge it into that base's own
+        # weights, dequantized (the original weights would differ by the quantization error
+        # the adapter learnt to live with), as a plain fp32 model.
+        try:
+            plain = load_model(fp32, for_training=False, path=base_path)[0].dequantize()
+        except (OSError, ValueError, RuntimeError) as err:
+            raise ExportError(f"cannot dequantize the {m.quantization} base {m.name_or_path!r}: {one_line(err)}") from None
+        adapted = load_adapter(plain, source.adapter_dir)
+        adapted.eval()
     merged = adapted.merge_and_unload(safe_merge=True)
     with torch.no_grad():
         merge_diff = (merged(input_ids=probe).logits - expected).abs().max().item()
-    if not merge_diff <= MERGE_ATOL:
-        raise ExportError(f"the merged model's logits differ from the adapter's by {merge_diff:.3g}")
+    atol = QUANTIZED_MERGE_ATOL if quantized else MERGE_ATOL
+    if not merge_diff <= atol:
+        raise ExportError(
+            f"the merged model's logits differ from the adapter's{' on the quantized base' if quantized else ''} "
+            f"by {merge_diff:.3g}, more than {atol:g}"
+        )
     leaked = [k for k in merged.state_dict() if any(part in k for part in PEFT_NAME_PARTS)]
     if leaked:
         raise ExportError(f"PEFT wrapper names left in the merged model: {leaked[:5]}")
@@ -155,6 +174,7 @@ def export_model(config: Config, *, console=None) -> Path:
         "dtype": config.export.dtype,
         "tied_embeddings": tied_after,
         "merge_max_abs_diff": merge_diff,
+        "quantization": m.quantization,
         "chat_template": template[0] if template else None,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -238,6 +258,12 @@ def check_checkpoint_matches(config: Config, checkpoint_dir: Path, base_path: st
         raise ExportError(
             f"checkpoint {checkpoint_dir} was trained for model.target_context={trained.target_context}, "
             f"the export config says {m.target_context}: pass model.target_context={trained.target_context}"
+        )
+    if trained.quantization != m.quantization:
+        raise ExportError(
+            f"checkpoint {checkpoint_dir} was trained on a model.quantization={trained.quantization} base, "
+            f"the export config says {m.quantization}: pass model.quantization={trained.quantization} "
+            "(the adapter is merged into the base it was trained on)"
         )
     base_config = AutoConfig.from_pretrained(base_path, trust_remote_code=m.trust_remote_code)
     was, now = original_context(base_config, trained), original_context(base_config, m)

@@ -625,6 +625,28 @@ def _group_size(config: Config, n: int) -> int:
     return max(2, g - g % 2)
 
 
+# bytes a quantized weight takes in bitsandbytes: 4 bits plus one absmax per block of 64
+# (fp32, or with double quantization 8 bits plus an fp32 per 256 of those); LLM.int8: a byte
+# plus an fp32 scale per output row (under 0.1% here, left out)
+QUANTIZED_BYTES_PER_WEIGHT = {"4bit": 0.5 + 4 / 64, "4bit-double": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0}
+
+
+def _quant_key(config: Config) -> str:
+    q = config.model
+    if q.quantization == "int8":
+        return "int8"
+    return "4bit-double" if q.double_quantization else "4bit"
+
+
+def base_weight_bytes(config: Config, s: ModelShape, w: int) -> int:
+    """The frozen base's bytes: every weight in ``w`` bytes, or with model.quantization the
+    decoder's linear layers quantized (transformers leaves embeddings, norms and the head)."""
+    if config.model.quantization == "none":
+        return s.params() * w
+    linear = s.layers * s.layer_linear_params()
+    return int(linear * QUANTIZED_BYTES_PER_WEIGHT[_quant_key(config)]) + (s.params() - linear) * w
+
+
 def _phases(config: Config, s: ModelShape, tr: Trainables, lay: Layout, backend: str, device: str, n: int):
     """The live tensor bytes of each phase of one optimizer step (see the module docstring)."""
     t_cfg = config.train
@@ -650,10 +672,18 @@ def _phases(config: Config, s: ModelShape, tr: Trainables, lay: Layout, backend:
 
     # ------------------------------------------------------------ static
     static = {
-        "base_weights": s.params() * w,
+        "base_weights": base_weight_bytes(config, s, w),
         "trainable_params": tr.total * 4,
         "optimizer_state": tr.total * 8 + tr.allocator_state * 4,
     }
+    if config.model.quantization != "none":
+        # bitsandbytes dequantizes a layer's weight to the compute dtype for each matmul
+        # (forward, and again for the input gradient): one layer's widest weight at a time
+        q_c = 4 if config.model.quantization_compute_dtype == "float32" else 2
+        static["dequantized_weight"] = max(a_ * b_ for a_, b_, _ in s.linear_shapes().values()) * q_c
+        notes.append(f"base quantized ({config.model.quantization}): decoder linear layers at "
+                     f"{QUANTIZED_BYTES_PER_WEIGHT[_quant_key(config)] * 8:.2f} bits a weight; embeddings, "
+                     "norms and the LM head unquantized")
     if config.scaling.num_workers > 1 and device == "cuda":
         static["ddp_buckets"] = tr.total * 4  # gradient_as_bucket_view=False: a second copy
     all_grads = tr.total * 4

@@ -66,11 +66,15 @@ def quiet_libraries() -> None:
 # - Ray Data's notice that progress bars are off (longtune turns them off: ``quiet_env``),
 #   and the line that closes each dataset's progress bar, logged too ("✔️  Dataset
 #   train_... execution finished in 30.08 seconds"); a failed execution's line stays.
+# - (Not Ray's:) bitsandbytes, imported on a CPU with AVX512-BF16, says it could not fetch
+#   a faster kernel for 4-bit *inference* from the hub; longtune turns that path off
+#   (``longtune.models.keep_4bit_layout``) and runs offline.
 _NOISE: tuple[tuple[str, str], ...] = (
     ("ray.train.v2._internal.execution.controller.placement_group_cleaner",
      "Failed to query Ray Train Controller actor state"),
     ("ray.data._internal.progress", "Progress bars disabled."),
     ("ray.data._internal.execution.streaming_executor", "\N{HEAVY CHECK MARK}"),
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),
 )
 # Only in a local Ray:
 # - Ray's warning, at every start, that it enabled token authentication for the local

@@ -90,6 +90,9 @@ def measured_peak(config, model_dir: str, vocab: int) -> int:
     from longtune.train.loop import build_model, build_optimizer, optimizer_step
 
     device = torch.device("cpu")
+    # tensors of the libraries themselves (bitsandbytes' quantization tables, ...) are no
+    # part of the run: leave out whatever is alive before the model exists
+    before = {t.untyped_storage().data_ptr() for t in tensors_alive() if t.device.type == "cpu" and not t.is_meta}
     model = build_model(config, model_dir, device)
     params, optimizer, scheduler = build_optimizer(config, model)
     autocast = resolve_precision(config.model, config.train, "cpu").autocast(device)
@@ -101,7 +104,8 @@ def measured_peak(config, model_dir: str, vocab: int) -> int:
     optimizer_step(model, blocks, params, optimizer, scheduler, config, autocast)
     existing = tensors_alive()
     base = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in existing
-                if t.device.type == "cpu" and not t.is_meta}.values())
+                if t.device.type == "cpu" and not t.is_meta
+                and t.untyped_storage().data_ptr() not in before}.values())
     tracker = LiveTensorBytes(existing)
     with tracker:
         optimizer_step(model, blocks, params, optimizer, scheduler, config, autocast)

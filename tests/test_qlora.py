@@ -159,3 +159,32 @@ def test_qlora_trains_on_two_workers_and_exports_a_plain_model_close_to_the_quan
 
     with pytest.raises(ExportError, match="pass model.quantization=nf4"):
         export_model(with_overrides(export, {"model.quantization": "none", "export.output_dir": str(tmp_path / "x")}))
+
+    # relaunched with the same name and more steps, it resumes onto a fresh 4-bit base
+    resumed = finetune(with_overrides(config, {"train.max_steps": 10, "eval.before_after": False}))
+    assert resumed.metrics["step"] == 10
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert [(m.step, m.value) for m in client.get_metric_history(resumed.mlflow_run_id, "train/resumed_from_step")] \
+        == [(8, 8.0)]
+    assert [m.step for m in client.get_metric_history(resumed.mlflow_run_id, "train/loss")] == [10]
+
+
+def test_plan_charges_quantized_weights_and_the_qlora_recipe_fits_an_a100():
+    from pathlib import Path
+
+    from longtune.plan import base_weight_bytes, model_shape, plan_run
+
+    root = Path(__file__).resolve().parents[1]
+    shape = model_shape("meta-llama/Llama-2-70b-hf")
+    linear = shape.layers * shape.layer_linear_params()
+    bf16 = base_weight_bytes(load_config(None, []), shape, 2)
+    for kind, double, bits in (("nf4", True, 4 + 8 / 64 + 32 / (64 * 256)), ("nf4", False, 4 + 32 / 64), ("int8", True, 8)):
+        config = load_config(None, [f"model.quantization={kind}", f"model.double_quantization={str(double).lower()}"])
+        expected = linear * bits / 8 + (shape.params() - linear) * 2
+        assert base_weight_bytes(config, shape, 2) == pytest.approx(expected, rel=1e-6)
+    assert 0.25 < base_weight_bytes(load_config(None, ["model.quantization=nf4"]), shape, 2) / bf16 < 0.28
+
+    recipe = load_config(root / "pipelines/configs/llama2-70b-32k-qlora.yaml")
+    assert recipe.model.quantization == "nf4" and recipe.train.strategy == "ddp"
+    plan = plan_run(recipe, "a100-80gb", search_max_context=False)
+    assert plan.fits and 30 * 2**30 < plan.breakdown["base_weights"] < 36 * 2**30

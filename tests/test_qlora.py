@@ -19,6 +19,21 @@ def qlora_config(tiny_model_dir, *extra):
                               "model.quantization=nf4", "attention.type=s2", *extra])
 
 
+def train(loss_fn, params, batch, *, steps: int, lr: float = 3e-3) -> list[float]:
+    """``steps`` AdamW steps on one batch; the losses."""
+    from longtune.train.loss import block_inputs
+
+    opt = torch.optim.AdamW(params, lr=lr)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = loss_fn(*block_inputs(batch))
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def test_the_base_loads_quantized_and_only_the_adapter_trains_in_fp32(tiny_model_dir):
     import bitsandbytes as bnb
 
@@ -42,7 +57,7 @@ def test_a_4bit_base_trains_and_an_eval_forward_does_not_break_its_gradients(tin
     below it: longtune turns that off, so a held-out score between steps changes nothing."""
     from longtune.adapters import load_adapter, save_adapter
     from longtune.models import load_model
-    from longtune.train.loss import LanguageModelLoss, block_inputs
+    from longtune.train.loss import LanguageModelLoss
     from longtune.train.parallel import adapted_model
 
     import bitsandbytes as bnb
@@ -69,14 +84,7 @@ def test_a_4bit_base_trains_and_an_eval_forward_does_not_break_its_gradients(tin
     loss_fn = LanguageModelLoss(model)
     params = [p for p in model.parameters() if p.requires_grad]
 
-    opt = torch.optim.AdamW(params, lr=3e-3)
-    losses = []
-    for _ in range(15):
-        opt.zero_grad()
-        loss = loss_fn(*block_inputs(batch))
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train(loss_fn, params, batch, steps=15)
     assert losses[-1] < 0.9 * losses[0]
 
     # the adapter reloads onto a fresh 4-bit base with the very same logits
@@ -93,22 +101,14 @@ def test_a_4bit_base_trains_and_an_eval_forward_does_not_break_its_gradients(tin
 @pytest.mark.parametrize("kind", ["fp4", "int8"])
 def test_the_other_quantizations_load_and_train(tiny_model_dir, kind):
     from longtune.models import load_model
-    from longtune.train.loss import LanguageModelLoss, block_inputs
+    from longtune.train.loss import LanguageModelLoss
     from longtune.train.parallel import adapted_model
 
     config = qlora_config(tiny_model_dir, f"model.quantization={kind}", "attention.type=full")
     model = adapted_model(config, load_model(config.model, path=tiny_model_dir)[0])
     ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids": ids, "position_ids": torch.arange(32).expand(2, 32)}
-    loss_fn = LanguageModelLoss(model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    losses = []
-    for _ in range(10):
-        opt.zero_grad()
-        loss = loss_fn(*block_inputs(batch))
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train(LanguageModelLoss(model), [p for p in model.parameters() if p.requires_grad], batch, steps=10)
     assert losses[-1] < losses[0]
 
 

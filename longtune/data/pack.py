@@ -296,7 +296,6 @@ def merge_pieces(batch: pa.Table, opts: PackOptions, *, with_stats: bool = True)
             parts_ids.append(b_ids)
             parts_pos.append(final_positions(b_pos, opts.position_ids))
             parts_mask.append(b_mask if b_mask is not None else np.ones(b_ids.shape, np.int8))
-    n = len(out_split)
     return block_table(out_split, parts_ids, parts_pos, parts_mask, L, masked=opts.masked,
                        stats_rows=passed_stats + [json.dumps(stats)] if with_stats else None)
 

@@ -138,6 +138,8 @@ def test_every_node_installs_longtune_and_gpu_nodes_its_gpu_extra(name):
         assert any(re.search(rf"pip install .*{CHECKOUT}(\s|$)", c) for c in commands), (node_type, commands)
         installs_gpu_extra = any(f"{CHECKOUT}[gpu]" in c for c in commands)
         assert installs_gpu_extra == (spec["resources"].get("GPU", 0) > 0), node_type
+        if spec["resources"].get("GPU", 0):  # the QLoRA recipes' bitsandbytes
+            assert any(f"{CHECKOUT}[qlora]" in c for c in commands), node_type
 
 
 @pytest.mark.parametrize("name", LAUNCHER_YAMLS)

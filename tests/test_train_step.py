@@ -3,6 +3,8 @@ over micro-batches and ranks, checked with real gloo process groups."""
 
 from __future__ import annotations
 
+import os
+
 import math
 
 import pytest
@@ -72,6 +74,10 @@ def _rank_main(rank: int, world: int, rendezvous: str, model_dir: str, out: str)
     if rank == 0:
         torch.save({"loss": loss_sum / tokens, "grads": grads}, out)
     dist.destroy_process_group()
+    # Leave without Python's teardown: freeing DDP's Reducer there joins gloo's worker thread
+    # while holding the GIL, and that thread may be waiting for the GIL to free its last
+    # allreduce's tensors — torch 2.13 then hangs for good (seen once, in a clean-clone run)
+    os._exit(0)
 
 
 @pytest.fixture(scope="module")

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from longtune.config import TrackingConfig
+from longtune.errors import LongtuneError
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -314,6 +315,13 @@ class Tracker:
         for chunk in _chunks(entities, METRICS_PER_BATCH):
             self.client.log_batch(self.run_id, metrics=chunk)
 
+    def last_step(self, name: str) -> int:
+        """The highest step at which the run has metric ``name`` (an MLflow name), 0 if none."""
+        if not self._active():
+            return 0
+        history = self.client.get_metric_history(self.run_id, name)
+        return max((m.step for m in history), default=0)
+
     # ------------------------------------------------------------ artifacts
 
     def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
@@ -451,6 +459,29 @@ class Tracker:
 # ---------------------------------------------------------------- a job's run
 
 
+class TrackingError(LongtuneError, RuntimeError):
+    """The tracking server cannot be used as configured; the message says why."""
+
+
+def _refusal(exc: BaseException) -> str | None:
+    """What an MLflow server's refusal of our request means, or None for any other error."""
+    status = getattr(exc, "get_http_status_code", lambda: None)()
+    text = str(exc)
+    if status == 401 or "401" in text.split("\n", 1)[0] and "Unauthorized" in text:
+        given = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        who = f"the account {given!r}" if given else "a request without an account"
+        return (f"refused {who} (HTTP 401): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+                "to the server's account (clusters/README.md, 'MLflow credentials')")
+    if status == 403 or "PERMISSION_DENIED" in text:
+        return "denied the account MLFLOW_TRACKING_USERNAME names access to this experiment (HTTP 403)"
+    return None
+
+
+def redact_uri(uri: str) -> str:
+    """A URI as it may be printed: a password in it (http://user:password@host) is masked."""
+    return re.sub(r"(://[^/:@]+):[^/@]*@", r"\1:***@", uri)
+
+
 def start_job_run(
     config: "Config",
     run_name: str,
@@ -473,10 +504,16 @@ def start_job_run(
     if system_metrics is not None:
         cfg = cfg.model_copy(update={"system_metrics": system_metrics})
     tracker = Tracker(cfg)
-    tracker.start_run(
-        run_name, parent_run_id=parent_run_id, run_id=run_id,
-        tags={JOB_TAG: job, RUN_NAME_TAG: run_name, **(tags or {})},
-    )
+    try:
+        tracker.start_run(
+            run_name, parent_run_id=parent_run_id, run_id=run_id,
+            tags={JOB_TAG: job, RUN_NAME_TAG: run_name, **(tags or {})},
+        )
+    except Exception as exc:
+        refused = _refusal(exc)
+        if refused is None:
+            raise
+        raise TrackingError(f"the MLflow server at {redact_uri(tracker.tracking_uri or '')} {refused}") from None
     if log_config:
         tracker.log_config(config)
     return tracker
@@ -534,7 +571,7 @@ def loss_curves(tracker: Tracker) -> dict[str, list[tuple[int, float]]]:
 # section of charts in MLflow's UI.
 TRAIN_METRICS = frozenset({
     "loss", "lr", "tokens_per_s", "step_time_s", "peak_memory_mb", "tokens_seen", "epoch",
-    "loss_scale", "skipped_steps", "resumed_from_step", "rank_budget", "ranks_kept", "orth_loss",
+    "loss_scale", "skipped_steps", "resumed_from_step", "redone_steps", "rank_budget", "ranks_kept", "orth_loss",
 })
 # A search's figures (tune/mlflow_runs.py): final_<tune.metric> and steps_run on a trial,
 # best_<tune.metric> and the trial counts on the search.
@@ -609,6 +646,7 @@ def run_url(base_url: str, experiment_id: str, run_id: str) -> str:
 def ui_hint(tracking_uri: str, experiment_id: str | None = None, run_id: str | None = None) -> str:
     """How to look at runs in ``tracking_uri``: a store is opened with `mlflow ui`; a
     tracking server already is the UI. With the run's ids, the link to its charts too."""
+    tracking_uri = redact_uri(tracking_uri)
     server = tracking_uri.startswith(("http://", "https://"))
     base = tracking_uri if server else f"http://127.0.0.1:{UI_PORT}"
     link = f"{run_url(base, experiment_id, run_id)}" if experiment_id and run_id else None

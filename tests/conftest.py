@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
 import random
 import sys
 from pathlib import Path
@@ -10,6 +12,21 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str], drop: tuple[str, ...] = ()):
+    """os.environ with the variables starting with any of ``drop`` removed and ``values``
+    set, restored afterwards (for what a library reads from the environment on each call)."""
+    saved = dict(os.environ)
+    for key in [k for k in os.environ if drop and k.startswith(drop)]:
+        del os.environ[key]
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def load_script(relative: str):

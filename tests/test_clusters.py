@@ -57,6 +57,18 @@ def mlflow_server_options() -> set[str]:
     return click_options(server)
 
 
+def auth_server_options() -> set[str]:
+    """The flags of clusters/mlflow_server.py, from its own parser."""
+    from conftest import load_script
+
+    parser = load_script("clusters/mlflow_server.py").build_parser()
+    return {o for action in parser._actions for o in action.option_strings}
+
+
+AUTH_SERVER = "/home/ray/longtune/clusters/mlflow_server.py"
+MLFLOW_ENV = ". /home/ray/.longtune/mlflow.env"
+
+
 def flags_after(command: str, program: list[str]) -> list[str]:
     """The --flags of `program` (e.g. ["ray", "start"]) in a shell command line."""
     words = shlex.split(command.replace(";", " ; "))
@@ -173,20 +185,29 @@ def test_mlflow_server_on_the_head_and_every_node_pointed_at_it(name):
     assert head_env["MLFLOW_ARTIFACTS_DESTINATION"].startswith(scheme)
 
     head = " ; ".join(config["head_start_ray_commands"])
-    server_flags = flags_after(head, ["mlflow", "server"])
-    assert set(server_flags) <= mlflow_server_options()
-    assert {"--backend-store-uri", "--artifacts-destination", "--host", "--port"} <= set(server_flags)
+    # the server is MLflow's, with authentication, started by clusters/mlflow_server.py
+    server_flags = flags_after(head, ["python", AUTH_SERVER])
+    assert set(server_flags) <= auth_server_options()
+    assert {"--backend-store-uri", "--artifacts-destination", "--auth-dir", "--host", "--port"} <= set(server_flags)
     assert "--port 5000" in head
+    assert (ROOT / "clusters" / "mlflow_server.py").is_file()
+    # the account comes from the file the user makes, mounted on every node, read before
+    # the server and before Ray starts (so jobs and training workers log with it)
+    assert config["file_mounts"]["/home/ray/.longtune/mlflow.env"] == "~/.longtune/mlflow.env"
+    assert MLFLOW_ENV in head[: head.index(AUTH_SERVER)]
     # the server starts before Ray, whose environment then carries its address to the
     # job drivers (longtune resolves it there and passes it to the training workers)
-    assert head.index("mlflow server") < head.index("ray start")
-    assert re.search(r"export MLFLOW_TRACKING_URI=http://.+:5000;\s*ray start --head", head)
+    assert head.index(AUTH_SERVER) < head.index("ray start")
+    assert re.search(r"set -a; \. /home/ray/\.longtune/mlflow\.env; set \+a;\s*"
+                     r"export MLFLOW_TRACKING_URI=http://.+:5000;\s*ray start --head", head)
     worker = " ; ".join(config["worker_start_ray_commands"])
     assert "export MLFLOW_TRACKING_URI=http://$RAY_HEAD_IP:5000;" in worker
+    assert MLFLOW_ENV in worker[: worker.index("ray start")]
     # the server's client libraries for the bucket and for PostgreSQL, on the head
     head_setup = " ".join(config["head_setup_commands"])
     assert {"s3://": "boto3", "gs://": "google-cloud-storage"}[scheme] in head_setup
     assert "psycopg2" in head_setup
+    assert "mlflow[auth]" in head_setup  # the basic-auth app's own dependencies
 
 
 def test_gpu_workers_can_write_checkpoints_to_the_bucket():
@@ -255,11 +276,16 @@ def test_rayjob_cluster_version_auth_gpus_and_mlflow():
     assert len(images) == 1  # one image, built from clusters/Dockerfile
 
     mlflow = containers["mlflow"]
-    assert mlflow["command"][:2] == ["mlflow", "server"]
-    assert {w for w in mlflow["command"] if w.startswith("--")} <= mlflow_server_options()
+    assert mlflow["command"][:2] == ["python", AUTH_SERVER]
+    assert {w for w in mlflow["command"] if w.startswith("--")} <= auth_server_options()
     assert mlflow["command"][mlflow["command"].index("--port") + 1] == "5000"
     env = {e["name"]: e for e in containers["ray-head"]["env"]}
     assert env["MLFLOW_TRACKING_URI"]["value"] == "http://$(POD_IP):5000"
+    # one Secret's account: the server creates it, the driver and every worker log with it
+    for container in (mlflow, containers["ray-head"], worker):
+        named = {e["name"]: e for e in container["env"]}
+        for var, key in (("MLFLOW_TRACKING_USERNAME", "username"), ("MLFLOW_TRACKING_PASSWORD", "password")):
+            assert named[var]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-auth", "key": key}, container["name"]
     assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
     claim = head_pod["volumes"][0]["persistentVolumeClaim"]["claimName"]
     docs = [d for d in yaml.safe_load_all(RAYJOB.read_text()) if d]

@@ -381,9 +381,9 @@ def evaluate(config: Config, *, console=None, out=None) -> tuple[EvalReport, str
         out.print(report.perplexity.summary(), soft_wrap=True)
     run_id = tracker.run_id if tracker else None
     if tracker:
-        from longtune.tracking import ui_hint
+        from longtune.tracking import redact_uri, ui_hint
 
-        out.print(f"MLflow run: {run_id} in {tracker.tracking_uri}", soft_wrap=True)
+        out.print(f"MLflow run: {run_id} in {redact_uri(tracker.tracking_uri)}", soft_wrap=True)
         out.print(ui_hint(tracker.tracking_uri, tracker.experiment_id, run_id), soft_wrap=True)
     return report, run_id
 

@@ -35,8 +35,9 @@ def tune_command(config: Config) -> int:
     for name, path in result.files.items():
         print(f"{name}: {path}")
     if result.mlflow_run_id:
-        print(f"MLflow parent run: {result.mlflow_run_id} in {result.tracking_uri}")
-        from longtune.tracking import ui_hint
+        from longtune.tracking import redact_uri, ui_hint
+
+        print(f"MLflow parent run: {result.mlflow_run_id} in {redact_uri(result.tracking_uri)}")
 
         print(ui_hint(result.tracking_uri))
     if "best_config.yaml" in result.files:

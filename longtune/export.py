@@ -74,9 +74,56 @@ class AdapterSource:
 # ---------------------------------------------------------------- export
 
 
-def export_model(config: Config, *, console=None) -> Path:
+def export_model(config: Config, *, console=None) -> Path | str:
     """Merge ``model.adapter_path`` into ``model.name_or_path`` (extended to
-    ``model.target_context``) and save it at ``export.output_dir``. Returns the directory."""
+    ``model.target_context``) and save it at ``export.output_dir``. Returns the directory
+    (the URI, for an export to an object store)."""
+    from longtune.storage import StorageError, check_stores, is_remote, job_stores
+
+    try:
+        check_stores(job_stores(config, "export"))
+    except StorageError as err:
+        raise ExportError(str(err)) from None
+    remote_in, remote_out = is_remote(config.model.adapter_path), is_remote(config.export.output_dir)
+    if not (remote_in or remote_out):
+        return _export(config, console)
+    return _export_remote(config, console)
+
+
+def _export_remote(config: Config, console) -> Path | str:
+    """An export whose adapter or output is on an object store: the adapter is copied here,
+    the model is exported into a local temporary directory, then uploaded with its
+    ``longtune_export.json`` last (an object store has no rename: a reader that finds the
+    marker finds a whole export)."""
+    import tempfile
+
+    from longtune.storage import StorageError, download_dir, is_remote
+
+    m, e = config.model, config.export
+    updates: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="longtune-export-") as tmp:
+        if is_remote(m.adapter_path):
+            # <storage>/<run>/checkpoint_N keeps its last two names: they label the default output
+            parts = m.adapter_path.rstrip("/").split("/")[-2:]
+            try:
+                local = download_dir(m.adapter_path, Path(tmp, "in", *parts))
+            except (StorageError, OSError) as err:
+                raise ExportError(f"cannot copy model.adapter_path {m.adapter_path!r}: {one_line(err)}") from None
+            updates["model"] = m.model_copy(update={"adapter_path": str(local)})
+        if is_remote(e.output_dir):
+            check_remote_replaceable(e.output_dir)
+            updates["export"] = e.model_copy(update={"output_dir": str(Path(tmp, "out", "model"))})
+        local_config = config.model_copy(update=updates)
+        target = _export(local_config, console, adapter_origin=m.adapter_path)
+        if not is_remote(e.output_dir):
+            return target
+        publish_remote(target, e.output_dir)
+        return e.output_dir
+
+
+def _export(config: Config, console=None, adapter_origin: str | None = None) -> Path:
+    """export_model on this machine's file system. ``adapter_origin``: where the adapter
+    was copied from, for the record."""
     from rich.console import Console
 
     from longtune.adapters import load_adapter
@@ -165,8 +212,9 @@ def export_model(config: Config, *, console=None) -> Path:
         "format": 1,
         "base": m.name_or_path,
         "base_path": str(base_path),
-        "adapter": str(source.adapter_dir),
-        "checkpoint": str(source.checkpoint_dir) if source.checkpoint_dir else None,
+        "adapter": _origin(source.adapter_dir, m.adapter_path, adapter_origin),
+        "checkpoint": _origin(source.checkpoint_dir, m.adapter_path, adapter_origin)
+        if source.checkpoint_dir else None,
         "original_context": info["original_context"],
         "target_context": m.target_context,
         "interpolation_factor": info["interpolation_factor"],
@@ -189,7 +237,7 @@ def export_command(config: Config) -> int:
 
     console = Console(stderr=True)
     target = export_model(config, console=console)  # an ExportError reaches the command line: exit 1
-    record = json.loads((target / MARKER).read_text(encoding="utf-8"))
+    record = read_marker(target)
     console.print(
         # the factor applied, not rope_parameters' top level (nested per layer type on Gemma 3)
         f"exported: {target} ({record['dtype']}, context {record['target_context']}, positions "
@@ -340,6 +388,44 @@ def check_replaceable(target: Path) -> None:
 # ---------------------------------------------------------------- writing
 
 
+def read_marker(target: Path | str) -> dict[str, Any]:
+    """The ``longtune_export.json`` of an export, local or on an object store."""
+    from longtune.storage import filesystem, is_remote
+
+    if not is_remote(str(target)):
+        return json.loads((Path(target) / MARKER).read_text(encoding="utf-8"))
+    fs, root = filesystem(str(target))
+    with fs.open_input_stream(f"{root.rstrip('/')}/{MARKER}") as f:
+        return json.loads(f.read().decode("utf-8"))
+
+
+def check_remote_replaceable(uri: str) -> None:
+    """An export.output_dir URI must hold nothing, or a previous export."""
+    from longtune.storage import list_files
+
+    files = list_files(uri)
+    if files and MARKER not in files and not all(f.startswith(".longtune-probe-") for f in files):
+        raise ExportError(
+            f"export.output_dir {uri!r} holds objects and is not a longtune export (no {MARKER}); "
+            "choose another --out or remove them"
+        )
+
+
+def publish_remote(local: Path, uri: str) -> None:
+    """Upload the finished export ``local`` to ``uri``: first the previous export's marker
+    goes (from then on readers see no export), then its files the new one lacks, then the
+    new files with the marker last."""
+    from longtune.storage import delete_files, list_files, upload_dir
+
+    check_remote_replaceable(uri)  # again: something may have appeared meanwhile
+    old = list_files(uri)
+    if MARKER in old:
+        delete_files(uri, [MARKER])
+    new = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
+    delete_files(uri, [f for f in old if f != MARKER and f not in new])
+    upload_dir(local, uri, last=(MARKER,))
+
+
 def publish(target: Path, write) -> None:
     """Call ``write(tmp)`` on a temporary directory beside ``target``, then rename it into
     place; a previous export at ``target`` is moved aside only once the new one is complete."""
@@ -364,6 +450,14 @@ def _write(tmp: Path, model, tokenizer, record: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _origin(local: Path, adapter_path: str | None, origin: str | None) -> str:
+    """``local`` (below the copy of ``adapter_path``) as the path it was copied from."""
+    if not origin or not adapter_path:
+        return str(local)
+    rel = Path(local).relative_to(Path(adapter_path)).as_posix()
+    return origin.rstrip("/") + ("" if rel == "." else f"/{rel}")
 
 
 def _tied(model) -> bool:

@@ -33,12 +33,14 @@ class FinetuneResult:
 def finetune(config: Config, *, console=None, probes: tuple = ()) -> FinetuneResult:
     from rich.console import Console
 
+    from longtune.storage import check_stores, job_stores
     from longtune.tracking import loss_curves, start_job_run
 
     console = console or Console(stderr=True)
     s, t = config.scaling, config.train
 
-    # ---------------------------------------------------------------- model, Ray, resources
+    # ---------------------------------------------------------------- stores, model, Ray, resources
+    check_stores(job_stores(config, "finetune"))  # a bad bucket, endpoint or credentials: one line now
     setup = setup_driver(config)
     run_name = t.run_name or default_run_name("longtune")
 
@@ -216,8 +218,9 @@ def _print_summary(result: FinetuneResult, console) -> None:
     console.print(f"adapter:    {result.adapter_path}", soft_wrap=True)
     console.print(f"checkpoint: {result.checkpoint_path}", soft_wrap=True)
     if result.mlflow_run_id:
-        console.print(f"MLflow run: {result.mlflow_run_id} in {result.tracking_uri}", soft_wrap=True)
-        from longtune.tracking import ui_hint
+        from longtune.tracking import redact_uri, ui_hint
+
+        console.print(f"MLflow run: {result.mlflow_run_id} in {redact_uri(result.tracking_uri)}", soft_wrap=True)
 
         console.print(ui_hint(result.tracking_uri, result.mlflow_experiment_id, result.mlflow_run_id),
                       soft_wrap=True)

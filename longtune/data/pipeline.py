@@ -350,7 +350,10 @@ def prepare(config: Config, *, console=None) -> dict[str, Any]:
 
     from longtune.runtime import init_ray
 
+    from longtune.storage import check_stores, job_stores
+
     console = console or Console()
+    check_stores(job_stores(config, "prepare"))  # a bad bucket, endpoint or credentials: one line now
     out = config.data.prepared_path or default_output(config)
     _refuse_foreign_output(out)
     # Input problems surface here, before a tokenizer download or Ray start.

@@ -39,6 +39,9 @@ def tune(config: Config, *, console=None, callbacks: list | None = None) -> Tune
     console = console or Console(stderr=True)
     t = config.tune
     check_search_space(config)
+    from longtune.storage import check_stores, job_stores
+
+    check_stores(job_stores(config, "tune"))
     name = t.name or default_run_name("tune")
     config = with_overrides(config, {"tune.name": name})
 

@@ -29,6 +29,7 @@ from longtune.train.loss import LanguageModelLoss, block_inputs, target_count
 from longtune.train.parallel import ParallelModel, adapted_model, clip_grad_norm_
 from longtune.train.sequence import SequenceGroup, sequence_group
 from longtune.train.worker_config import WorkerConfig
+from longtune.tracking import metric_name
 
 
 def train_loop(worker: WorkerConfig) -> None:
@@ -82,8 +83,16 @@ def train_loop(worker: WorkerConfig) -> None:
     autocast = precision.autocast(device)
     config_yaml = config.to_yaml()
 
+    # A resumed run redoes the steps after its checkpoint; those the lost attempt had logged
+    # already stay as they were: MLflow's history holds each step once.
+    logged_up_to = 0
     if checkpoint is not None and rank == 0:
-        tracker.log_metrics({"resumed_from_step": state.step}, state.step)
+        logged_up_to = tracker.last_step(metric_name("loss"))
+        redone = max(0, logged_up_to - state.step)
+        tracker.log_metrics({"resumed_from_step": state.step, "redone_steps": redone}, state.step)
+        if redone:
+            steps = f"step {logged_up_to}" if redone == 1 else f"steps {state.step + 1}-{logged_up_to}"
+            print(f"[longtune] {steps} redone: logged before the failure, not logged again")
 
     # ---------------------------------------------------------------- baseline
     if state.step == 0 and eval_blocks is not None:
@@ -134,7 +143,8 @@ def train_loop(worker: WorkerConfig) -> None:
         if checkpoint_now and eval_blocks is not None:
             metrics.update(eval_blocks.loss(loss_fn, autocast))
         if rank == 0:
-            tracker.log_metrics(_tracked(metrics), state.step)
+            if state.step > logged_up_to:
+                tracker.log_metrics(_tracked(metrics), state.step)
             print("[longtune] " + "  ".join(_fmt(k, v) for k, v in metrics.items()))
         if checkpoint_now and (rank == 0 or par.sharded):
             # FSDP: each rank reports its own directory (its shards; rank 0's also everything

@@ -7,6 +7,7 @@ it takes about a minute (the seed model alone takes minutes to build on a cold c
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
 from conftest import load_script
@@ -60,3 +61,35 @@ def test_rehearsal_submits_the_default_recipe_and_cleans_up(tmp_path, tiny_model
     # nothing of ours is left: no raylet, GCS, dashboard, worker, driver or MLflow server
     assert len(result.processes) >= 8  # the tree was found: GCS, raylet, dashboard, agents, ...
     assert not rehearse.still_running(result.processes)
+
+
+def test_two_nodes_with_an_object_store_survive_a_lost_node(tmp_path, tiny_model_dir, corpus_dir):
+    """`clusters/rehearse.py --nodes 2 --s3`, with a tiny model: two Ray nodes, one training
+    worker on each; the corpus, prepared data, checkpoints, export and MLflow's artifacts in
+    an S3-compatible store (moto, authentication enforced); node 2 killed after the first
+    checkpoint and started again; MLflow with authentication."""
+    rehearse = load_rehearse()
+    result = rehearse.rehearse_cluster(
+        [f"model.name_or_path={tiny_model_dir}", "model.target_context=128", "data.min_doc_chars=100",
+         "data.eval_fraction=0.2", "train.warmup_steps=0", "train.batch_size_per_worker=1",
+         "eval.loss_blocks=2", "eval.before_after=false", "tracking.system_metrics=false"],
+        tmp_path / "rehearsal", corpus=Path(corpus_dir), run_name="two-nodes", max_steps=20, checkpoint_every=5,
+    )
+    assert rehearse.cluster_problems(result) == []
+    # the refusal names what to do
+    assert "shared storage (s3://" in result.jobs["local-storage"][1]
+    # node 2 went after the checkpoint at step 5 and training went on; resumed from a
+    # checkpoint at most one interval back, the steps after it redone and not logged again
+    assert result.killed_pids and result.killed_at_step > 5
+    assert result.resumed_from_step in (5, 10, 15)
+    assert 0 <= result.killed_at_step - result.resumed_from_step <= 5
+    assert result.redone_steps >= result.killed_at_step - result.resumed_from_step
+    assert sorted(result.steps_logged) == list(range(1, 21))  # every step, each once
+    assert set(result.steps_logged.values()) == {1}
+    keys = result.store_keys
+    assert any(k.startswith("prepared/") and k.endswith("manifest.json") for k in keys)
+    assert any(k.startswith("checkpoints/two-nodes/checkpoint_") and k.endswith("state.json") for k in keys)
+    assert any(k.startswith("export/") and k.endswith("model.safetensors") for k in keys)
+    assert {"adapter", "config.yaml"} <= set(result.run["artifacts"])
+    assert result.unauthenticated_mlflow_status == 401
+    assert result.leaked == []

@@ -349,20 +349,24 @@ class LocalCluster:
         nodes = json.loads(body)["data"]["result"]["result"]
         return sum(1 for n in nodes if n.get("state") == "ALIVE")
 
-    def kill_node(self, node: int) -> list[int]:
+    def kill_node(self, node: int) -> dict[int, str]:
         """The node dies at once, as a machine that loses power: SIGKILL to its `ray start`,
         its raylet and every process they started (training worker, Ray Data tasks), and to
-        nothing else. Returns their PIDs."""
+        nothing else. Returns their PIDs and names (``ray::RayTrainWorker``, ...)."""
         import psutil
 
         proc = self._node_procs[node]
         victims = [psutil.Process(proc.pid), *_descendants(proc.pid)]
+        names = {}
+        for victim in victims:
+            with contextlib.suppress(psutil.Error):
+                names[victim.pid] = victim.name()
         for victim in victims:
             with contextlib.suppress(psutil.Error):
                 victim.kill()
         psutil.wait_procs(victims, timeout=10)
         self._killed += victims
-        return [v.pid for v in victims]
+        return names
 
     def _spawn(self, cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
         with open(log, "wb") as out:
@@ -573,7 +577,7 @@ class ClusterRehearsal:
     run: dict | None  # the finetune job's MLflow run
     steps_logged: dict[int, int]  # train/loss: step -> how many times it is in the history
     killed_at_step: int | None  # the last step MLflow had when node 2 was killed
-    killed_pids: list[int]
+    killed: dict[int, str]  # PID -> name of every process of node 2 that was killed
     resumed_from_step: int | None
     redone_steps: int | None
     checkpoint_every: int
@@ -657,7 +661,7 @@ def rehearse_cluster(overrides: list[str], workdir: Path, corpus: Path | None = 
         keys = store.keys()
     return ClusterRehearsal(
         jobs=jobs, run=run, steps_logged=counts, killed_at_step=watcher.killed_at_step if watcher else None,
-        killed_pids=watcher.killed_pids if watcher else [], resumed_from_step=resumed, redone_steps=redone,
+        killed=watcher.killed if watcher else {}, resumed_from_step=resumed, redone_steps=redone,
         checkpoint_every=checkpoint_every, store_keys=keys, unauthenticated_mlflow_status=unauthenticated,
         leaked=leaked, leftover_pids=cluster.leftover_pids, processes=cluster.processes,
     )
@@ -685,7 +689,7 @@ class _NodeLoss:
         self.cluster, self.run_name, self.after = cluster, run_name, checkpoint_every
         self.submission_id = submission_id
         self.killed_at_step: int | None = None
-        self.killed_pids: list[int] = []
+        self.killed: dict[int, str] = {}
         self.error: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -702,7 +706,7 @@ class _NodeLoss:
             while not self._stop.wait(1.0):
                 step = _last_step(self.cluster, self.run_name)
                 if step is not None and step > self.after:
-                    self.killed_pids = self.cluster.kill_node(2)
+                    self.killed = self.cluster.kill_node(2)
                     self.killed_at_step = step
                     break
             else:
@@ -814,7 +818,7 @@ def cluster_problems(result: ClusterRehearsal, lose_node: bool = True) -> list[s
     problems = []
     code, out = result.jobs.get("local-storage", (0, ""))
     if code == 0 or "is local, but the cluster has 2 nodes" not in out:
-        problems.append("a local train.storage_path on two nodes was not refused")
+        problems.append(f"a local train.storage_path on two nodes was not refused (exit code {code}):\n{out[-2000:]}")
     for job in ("prepare", "finetune", "export"):
         if result.jobs.get(job, (1, ""))[0] != 0:
             problems.append(f"job {job} failed:\n{result.jobs.get(job, (1, 'never submitted'))[1][-3000:]}")
@@ -826,6 +830,8 @@ def cluster_problems(result: ClusterRehearsal, lose_node: bool = True) -> list[s
     if lose_node:
         if result.killed_at_step is None:
             problems.append("node 2 was never killed (the run ended before its first checkpoint was passed)")
+        elif "ray::RayTrainWorker" not in result.killed.values():
+            problems.append(f"no training worker ran on node 2 (its processes: {sorted(set(result.killed.values()))})")
         elif result.resumed_from_step is None:
             problems.append("the run did not resume from a checkpoint after node 2 was lost")
         elif result.killed_at_step - result.resumed_from_step > result.checkpoint_every:
@@ -857,7 +863,8 @@ def _main_cluster(args) -> int:
     for job, (code, _) in result.jobs.items():
         print(f"job {job}: exit code {code}")
     if result.killed_at_step is not None:
-        print(f"node 2 killed at step {result.killed_at_step} ({len(result.killed_pids)} processes); resumed "
+        print(f"node 2 killed at step {result.killed_at_step} ({len(result.killed)} processes, a training "
+              f"worker among them: {'ray::RayTrainWorker' in result.killed.values()}); resumed "
               f"from step {result.resumed_from_step}, {result.redone_steps} steps redone")
     print(f"steps in MLflow: {len(result.steps_logged)}, each once: {all(n == 1 for n in result.steps_logged.values())}")
     print(f"objects in the bucket: {len(result.store_keys)}; MLflow without credentials: HTTP "

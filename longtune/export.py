@@ -245,6 +245,13 @@ def export_command(config: Config) -> int:
         f"{record['merge_max_abs_diff']:.2g})",
         soft_wrap=True,
     )
+    from longtune.storage import is_remote
+
+    if is_remote(str(target)):
+        # transformers reads local directories (or hub ids), not bucket URIs
+        copy = "gcloud storage cp -r" if str(target).startswith("gs://") else "aws s3 cp --recursive"
+        console.print(f"Copy it to the machine that serves it: {copy} {target} ./model", soft_wrap=True, markup=False)
+        return 0
     check = (
         "from transformers import AutoModelForCausalLM as M; "
         f"m = M.from_pretrained({str(target)!r}); "

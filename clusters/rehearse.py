@@ -583,6 +583,7 @@ class ClusterRehearsal:
     checkpoint_every: int
     store_keys: list[str]  # every object in the bucket at the end
     unauthenticated_mlflow_status: int  # what the MLflow server answers a request without the account
+    unauthenticated_ray_status: int  # what the job server answers a request without the token
     leaked: list[str]  # where a credential was found: params, tags, artifacts, job output
     leftover_pids: list[int] = field(default_factory=list)
     processes: list[tuple[int, float]] = field(default_factory=list)
@@ -599,7 +600,7 @@ def stdlib_corpus(target: Path, files: int = 120) -> Path:
 
 
 def rehearse_cluster(overrides: list[str], workdir: Path, corpus: Path | None = None, run_name: str = "rehearsal",
-                     *, lose_node: bool = True, max_steps: int = 20, checkpoint_every: int = 5,
+                     *, lose_node: bool = True, export: bool = True, max_steps: int = 20, checkpoint_every: int = 5,
                      job_timeout: float = 900.0) -> ClusterRehearsal:
     """The cluster path across two Ray nodes with an S3-compatible store (``--nodes 2 --s3``):
 
@@ -608,8 +609,9 @@ def rehearse_cluster(overrides: list[str], workdir: Path, corpus: Path | None = 
     dataset to s3://.../prepared; 4. `finetune.py` trains two workers, one per node, from
     it, with checkpoints in s3://.../checkpoints, and (``lose_node``) node 2 is killed once
     the first checkpoint is in and training has gone on, then started again; 5. `export.py`
-    merges the final checkpoint from the bucket and writes the model to s3://.../export.
-    MLflow runs with authentication and keeps its artifacts in the bucket."""
+    merges the final checkpoint from the bucket and writes the model to s3://.../export
+    (unless not ``export``). MLflow runs with authentication and keeps its artifacts in the
+    bucket."""
     workdir = Path(workdir).resolve()
     corpus = corpus or stdlib_corpus(workdir / "corpus")
     jobs: dict[str, tuple[int, str]] = {}
@@ -649,13 +651,14 @@ def rehearse_cluster(overrides: list[str], workdir: Path, corpus: Path | None = 
             if watcher.error:
                 raise RehearsalError(f"losing node 2 failed: {watcher.error}")
         final = _last_checkpoint(store, f"checkpoints/{run_name}")
-        if final:
+        if final and export:
             submit("export", "export.py", [
                 *overrides, f"model.adapter_path={store.uri(final)}", f"export.output_dir={store.uri('export')}",
             ])
         run = mlflow_run(cluster.tracking_uri, run_name, cluster.mlflow_credentials())
         counts, resumed, redone = _step_counts(cluster, run)
         unauthenticated = _http(f"{cluster.tracking_uri}/api/2.0/mlflow/experiments/search?max_results=1")[0]
+        unauthenticated_ray = _http(f"{cluster.dashboard_url}/api/jobs/")[0]
         secrets_to_find = [cluster.mlflow_password, store.secret_key]
         leaked = _leaks(cluster, run, jobs, secrets_to_find, store)
         keys = store.keys()
@@ -663,6 +666,7 @@ def rehearse_cluster(overrides: list[str], workdir: Path, corpus: Path | None = 
         jobs=jobs, run=run, steps_logged=counts, killed_at_step=watcher.killed_at_step if watcher else None,
         killed=watcher.killed if watcher else {}, resumed_from_step=resumed, redone_steps=redone,
         checkpoint_every=checkpoint_every, store_keys=keys, unauthenticated_mlflow_status=unauthenticated,
+        unauthenticated_ray_status=unauthenticated_ray,
         leaked=leaked, leftover_pids=cluster.leftover_pids, processes=cluster.processes,
     )
 
@@ -813,13 +817,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if ok else 1
 
 
-def cluster_problems(result: ClusterRehearsal, lose_node: bool = True) -> list[str]:
+def cluster_problems(result: ClusterRehearsal, lose_node: bool = True, export: bool = True) -> list[str]:
     """What the two-node rehearsal got wrong, one line each; empty when it all held."""
     problems = []
+    if result.unauthenticated_ray_status != 401:
+        problems.append(f"the job server answered a request without the token with HTTP {result.unauthenticated_ray_status}")
     code, out = result.jobs.get("local-storage", (0, ""))
     if code == 0 or "is local, but the cluster has 2 nodes" not in out:
         problems.append(f"a local train.storage_path on two nodes was not refused (exit code {code}):\n{out[-2000:]}")
-    for job in ("prepare", "finetune", "export"):
+    for job in ("prepare", "finetune", *(("export",) if export else ())):
         if result.jobs.get(job, (1, ""))[0] != 0:
             problems.append(f"job {job} failed:\n{result.jobs.get(job, (1, 'never submitted'))[1][-3000:]}")
     if result.run is None or result.run["status"] != "FINISHED":
@@ -837,7 +843,7 @@ def cluster_problems(result: ClusterRehearsal, lose_node: bool = True) -> list[s
         elif result.killed_at_step - result.resumed_from_step > result.checkpoint_every:
             problems.append(f"resumed from step {result.resumed_from_step} after being at step "
                             f"{result.killed_at_step}: more than one checkpoint interval redone")
-    if not any(k.startswith("export/") and k.endswith("longtune_export.json") for k in result.store_keys):
+    if export and not any(k.startswith("export/") and k.endswith("longtune_export.json") for k in result.store_keys):
         problems.append("no export in the bucket")
     if not any(k.startswith("mlflow-artifacts/") for k in result.store_keys):
         problems.append("no MLflow artifacts in the bucket")

@@ -78,11 +78,17 @@ def endpoint(uri: str) -> str:
 # ------------------------------------------------------------------ checks
 
 
+OBJECT_STORES = ("s3", "gs", "gcs")
+"""The URI schemes ``check_stores`` checks: object stores, whose buckets and credentials can
+be wrong. Other URIs (file://, hdfs://) are opened as they are."""
+
+
 def check_stores(stores: list[Store]) -> None:
     """Raise StorageError naming the first store that cannot be used as asked."""
     checked: set[tuple[str, bool]] = set()
     for store in stores:
-        if not is_remote(store.uri) or (store.uri, store.write) in checked:
+        scheme = store.uri.split("://", 1)[0].lower() if is_remote(store.uri) else ""
+        if scheme not in OBJECT_STORES or (store.uri, store.write) in checked:
             continue
         checked.add((store.uri, store.write))
         check_store(store)

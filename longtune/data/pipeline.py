@@ -349,7 +349,6 @@ def prepare(config: Config, *, console=None) -> dict[str, Any]:
     from rich.console import Console
 
     from longtune.runtime import init_ray
-
     from longtune.storage import check_stores, job_stores
 
     console = console or Console()

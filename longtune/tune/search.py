@@ -34,14 +34,13 @@ def tune(config: Config, *, console=None, callbacks: list | None = None) -> Tune
     import ray.tune
     from rich.console import Console
 
+    from longtune.storage import check_stores, job_stores
     from longtune.train.trainer import setup_driver
 
     console = console or Console(stderr=True)
     t = config.tune
     check_search_space(config)
-    from longtune.storage import check_stores, job_stores
-
-    check_stores(job_stores(config, "tune"))
+    check_stores(job_stores(config, "tune"))  # a bad bucket, endpoint or credentials: one line now
     name = t.name or default_run_name("tune")
     config = with_overrides(config, {"tune.name": name})
 

@@ -871,7 +871,7 @@ def _main_cluster(args) -> int:
     if result.killed_at_step is not None:
         print(f"node 2 killed at step {result.killed_at_step} ({len(result.killed)} processes, a training "
               f"worker among them: {'ray::RayTrainWorker' in result.killed.values()}); resumed "
-              f"from step {result.resumed_from_step}, {result.redone_steps} steps redone")
+              f"from step {result.resumed_from_step}, steps redone: {result.redone_steps}")
     print(f"steps in MLflow: {len(result.steps_logged)}, each once: {all(n == 1 for n in result.steps_logged.values())}")
     print(f"objects in the bucket: {len(result.store_keys)}; MLflow without credentials: HTTP "
           f"{result.unauthenticated_mlflow_status}; rehearsal {time.monotonic() - started:.0f} s in all")

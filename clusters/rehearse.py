@@ -694,6 +694,7 @@ class _NodeLoss:
         self.submission_id = submission_id
         self.killed_at_step: int | None = None
         self.killed: dict[int, str] = {}
+        self._run_id: str | None = None  # the run, once it exists
         self.error: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -705,10 +706,20 @@ class _NodeLoss:
         self._stop.set()
         self._thread.join(timeout=180)
 
+    def _last_step(self) -> int | None:
+        if self._run_id is None:
+            run = mlflow_run(self.cluster.tracking_uri, self.run_name, self.cluster.mlflow_credentials(),
+                             artifacts=False)
+            if run is None:
+                return None
+            self._run_id = run["run_id"]
+        history = _client(self.cluster).get_metric_history(self._run_id, "train/loss")
+        return max((m.step for m in history), default=None)
+
     def _run(self) -> None:
         try:
             while not self._stop.wait(1.0):
-                step = _last_step(self.cluster, self.run_name)
+                step = self._last_step()
                 if step is not None and step > self.after:
                     self.killed = self.cluster.kill_node(2)
                     self.killed_at_step = step
@@ -735,14 +746,6 @@ def _client(cluster: LocalCluster):
 
     os.environ.update(cluster.mlflow_credentials())  # MLflow's client reads its account from here
     return MlflowClient(cluster.tracking_uri)
-
-
-def _last_step(cluster: LocalCluster, run_name: str) -> int | None:
-    run = mlflow_run(cluster.tracking_uri, run_name, cluster.mlflow_credentials(), artifacts=False)
-    if run is None:
-        return None
-    history = _client(cluster).get_metric_history(run["run_id"], "train/loss")
-    return max((m.step for m in history), default=None)
 
 
 def _step_counts(cluster: LocalCluster, run: dict | None) -> tuple[dict[int, int], int | None, int | None]:

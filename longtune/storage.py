@@ -30,7 +30,8 @@ from pathlib import Path
 
 from longtune.errors import LongtuneError
 
-_REMOTE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+REMOTE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+"""A URI with a scheme (s3://, gs://, file://, ...), as opposed to a local path."""
 PROBE_PREFIX = ".longtune-probe-"
 
 
@@ -48,7 +49,7 @@ class Store:
 
 
 def is_remote(uri: str | None) -> bool:
-    return bool(uri) and bool(_REMOTE.match(str(uri)))
+    return bool(uri) and bool(REMOTE.match(str(uri)))
 
 
 def filesystem(uri: str):
@@ -229,7 +230,7 @@ def delete_files(uri: str, rel_paths: list[str]) -> None:
 def job_stores(config, job: str) -> list[Store]:
     """The object stores a job (prepare, finetune, tune, export) reads and writes."""
     d, stores = config.data, []
-    sources = [Store("data.sources", s, write=False) for s in d.sources if is_remote(s)]
+    sources = [Store("data.sources", s, write=False) for s in d.sources]
     if job == "prepare":
         stores += sources
         if d.prepared_path:

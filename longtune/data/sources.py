@@ -32,6 +32,8 @@ from longtune.data.errors import DataError
 from longtune.data.pack import DOC, ERROR, LONG, SHORT
 from longtune.data.sft import RecordError, SftFields, record_messages
 from longtune.data.stdlib_qa import STDLIB_QA
+from longtune.storage import REMOTE as _REMOTE
+from longtune.storage import is_remote  # noqa: F401 (part of this module's interface: pipeline.py)
 
 # stdlib-qa excerpts: a median 780 seed-tokenizer tokens with the question and template (90% under
 # 1,024), so most prompts fit the embedded default's 1024-token context and none the seed's 256
@@ -49,7 +51,6 @@ TEXT_SUFFIXES = frozenset(
 JSONL_SUFFIXES = frozenset({".jsonl", ".ndjson"})
 COMPRESSION_SUFFIXES = frozenset({".gz", ".bz2", ".zst", ".lz4"})
 _GLOB_CHARS = re.compile(r"[*?\[]")
-_REMOTE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 # Skip reasons listed per record stop after this many per file; the rest are one row.
 _ERRORS_LISTED_PER_FILE = 3
 _SFT_ERRORS_LISTED_PER_FILE = 1000  # the manifest's own limit (MAX_LISTED_SKIPS)
@@ -92,10 +93,6 @@ def resolve(uri: str):
 def _scheme(uri: str) -> str:
     m = _REMOTE.match(uri)
     return m.group(0) if m else ""
-
-
-def is_remote(uri: str) -> bool:
-    return bool(_REMOTE.match(uri))
 
 
 # ------------------------------------------------------------------ discovery

@@ -117,7 +117,10 @@ def _export_remote(config: Config, console) -> Path | str:
         target = _export(local_config, console, adapter_origin=m.adapter_path)
         if not is_remote(e.output_dir):
             return target
-        publish_remote(target, e.output_dir)
+        try:
+            publish_remote(target, e.output_dir)
+        except (StorageError, OSError) as err:  # readers see no export: its marker was not written
+            raise ExportError(f"cannot upload the export to {e.output_dir!r}: {one_line(err)}") from None
         return e.output_dir
 
 
@@ -408,10 +411,10 @@ def read_marker(target: Path | str) -> dict[str, Any]:
 
 def check_remote_replaceable(uri: str) -> None:
     """An export.output_dir URI must hold nothing, or a previous export."""
-    from longtune.storage import list_files
+    from longtune.storage import PROBE_PREFIX, list_files
 
     files = list_files(uri)
-    if files and MARKER not in files and not all(f.startswith(".longtune-probe-") for f in files):
+    if files and MARKER not in files and not all(f.startswith(PROBE_PREFIX) for f in files):
         raise ExportError(
             f"export.output_dir {uri!r} holds objects and is not a longtune export (no {MARKER}); "
             "choose another --out or remove them"

@@ -7,6 +7,11 @@ Full attention is transformers' own ``sdpa_attention_forward`` (causal SDPA, out
     python benchmarks/attention.py                      # both suites, seq 4096, 8192, 16384
     python benchmarks/attention.py --suite unpacked --device cuda --backends sdpa flash varlen --dtype bfloat16
     python benchmarks/attention.py --suite packed --baseline 5939423 --layers 4 --docs 3
+    python benchmarks/attention.py --suite documents --seqs 8192 16384 --docs 5
+
+The documents suite times a block of ``--docs`` documents against the same inputs with
+continuous positions (no document start), in S2-Attn training, full-attention training and
+full-attention eval: what a document boundary costs (the target is at most 1.1x).
 
 The packed suite runs what a model does with a packed block of ``--docs`` documents (no
 padding): ``--layers`` attention calls sharing one ``position_ids`` tensor, as S2-Attn
@@ -240,6 +245,65 @@ def packed_suite(args):
     return rows
 
 
+# ---------------------------------------------------------------- documents: a packed block vs one without
+
+DOCUMENT_MODES = ("s2 train", "full train", "full eval")
+
+
+def document_step(mode, layers, pos, ratio):
+    """``len(layers)`` attention calls sharing ``pos`` (training: forward and backward)."""
+    clear_forward_cache()
+    g = int(layers[0][0].shape[2] * ratio)
+    if mode == "full eval":
+        with torch.no_grad():
+            for q, k, v in layers:
+                current_s2.full_attention(q, k, v, position_ids=pos)
+        return
+    if mode == "s2 train":
+        outs = [s2_attention(q, k, v, group_size=g, position_ids=pos)[0] for q, k, v in layers]
+    else:
+        outs = [current_s2.full_attention(q, k, v, position_ids=pos)[0] for q, k, v in layers]
+    torch.stack([o.sum() for o in outs]).sum().backward()
+    for q, k, v in layers:
+        q.grad = k.grad = v.grad = None
+
+
+def documents_suite(args):
+    """A block holding ``--docs`` documents (positions restart at each) against the same
+    block with continuous positions (one document), same inputs, interleaved step by step.
+    The target: the packed block costs at most 1.1x."""
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    print(f"\nDocuments: {args.layers} layers sharing position_ids, a block of {args.docs} documents against one "
+          f"without document starts, batch 1, {args.heads} heads, head_dim {args.head_dim}, ratio {args.ratio}, "
+          f"{args.dtype}, {args.device}, {torch.get_num_threads()} threads")
+    header = f"{'mode':11} {'seq':>6} {'one doc ms':>11} {'packed ms':>10} {'packed / one':>12}"
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for mode in args.document_modes:
+        for seq in args.seqs:
+            layers, packed = packed_inputs(seq, args)
+            cases = {"one": torch.arange(seq, device=args.device)[None], "packed": packed}
+            times = {name: [] for name in cases}
+            for pos in cases.values():  # warm-up
+                document_step(mode, layers, pos, args.ratio)
+            for _ in range(args.reps):
+                for name, pos in cases.items():
+                    sync()
+                    t0 = time.perf_counter()
+                    document_step(mode, layers, pos, args.ratio)
+                    sync()
+                    times[name].append(time.perf_counter() - t0)
+            pairs = list(zip(times["one"], times["packed"]))
+            row = dict(mode=mode, seq=seq, docs=args.docs, one_ms=median(times["one"]) * 1e3,
+                       packed_ms=median(times["packed"]) * 1e3,
+                       packed_vs_one=median(p / o for o, p in pairs))  # per-rep ratios: noise cancels
+            rows.append(row)
+            print(f"{mode:11} {seq:6d} {row['one_ms']:11.1f} {row['packed_ms']:10.1f} {row['packed_vs_one']:11.2f}x",
+                  flush=True)
+    return rows
+
+
 def _cell(row: dict, key: str, fmt: str) -> str:
     return format(row[key], fmt) if key in row else "-"
 
@@ -254,11 +318,13 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backends", nargs="+", default=["sdpa"], choices=["sdpa", "flash", "varlen"])
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--suite", default="all", choices=["all", "unpacked", "packed"])
+    p.add_argument("--suite", default="all", choices=["all", "unpacked", "packed", "documents"])
     p.add_argument("--baseline", default="5939423", help="git revision whose s2.py is 'before' (packed suite)")
     p.add_argument("--layers", type=int, default=4, help="attention layers per forward (packed suite)")
     p.add_argument("--docs", type=int, default=3, help="documents per packed row (packed suite)")
     p.add_argument("--modes", nargs="+", default=list(PACKED_MODES), choices=PACKED_MODES, help="packed suite modes")
+    p.add_argument("--document-modes", nargs="+", default=list(DOCUMENT_MODES), choices=DOCUMENT_MODES,
+                   help="documents suite modes")
     p.add_argument("--out", default="benchmarks/results/attention.json")
     p.add_argument("--_peak", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--_packed_peak", nargs=3, help=argparse.SUPPRESS)
@@ -281,6 +347,9 @@ def main():
     if args.suite in ("all", "packed"):
         meta.update(baseline=args.baseline, layers=args.layers, docs=args.docs)
         payload["packed_rows"] = packed_suite(args)
+    if args.suite in ("all", "documents"):
+        meta.update(layers=args.layers, docs=args.docs)
+        payload["document_rows"] = documents_suite(args)
     print(f"wrote {write_json(args.out, payload)}")
 
 

@@ -175,13 +175,48 @@ def test_unshifted_and_shifted_heads_differ_from_full_attention():
     torch.testing.assert_close(s2[:, :16, :2], full[:, :16, :2], **TOL)
 
 
-def test_full_attention_matches_causal_reference_with_padding_and_documents():
+@pytest.mark.parametrize("side", ["left", "right", None])
+def test_full_attention_matches_causal_reference_with_padding_and_documents(side):
     b, h, n = 3, 4, 40
     q, k, v = _inputs(b, h, 2, n)
-    am, pos = _padding(b, n, "left"), _packed_positions(b, n)
+    am, pos = _padding(b, n, side), _packed_positions(b, n)
     out, _ = full_attention(q, k, v, attention_mask=am, position_ids=pos)
     mask = s2_reference_mask(b, h, n, n, "split", am, pos)  # one group = causal
-    torch.testing.assert_close(out, reference_attention(q, k, v, mask), **TOL)
+    ref = reference_attention(q, k, v, mask)
+    torch.testing.assert_close(out, ref, **TOL)
+    grad = torch.randn_like(out)
+    for name, a, e in zip("qkv", torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(a, e, **TOL, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("shift", ["split", "roll"])
+def test_lean_path_cuts_groups_into_document_runs_without_masks(executor, shift):
+    """On the CPU's lean path a group holding document starts or padding is cut into causal
+    runs: no [g, g] mask at all; both executors give the same outputs and gradients as the dense reference,
+    for many short documents, padding at both ends and a one-token document."""
+    b, h, n, g = 2, 4, 256, 64
+    q, k, v = _inputs(b, h, 2, n)
+    lengths = [1, 30, 7, 90, 2, 60, 66]
+    pos = torch.cat([torch.arange(x) for x in lengths])[None].expand(b, -1)
+    am = torch.ones(b, n, dtype=torch.long)
+    am[1, 200:] = 0  # right padding: its groups are runs plus a padding span
+    out = []
+
+    def run():
+        out.append(s2_attention(q, k, v, group_size=g, shift=shift, attention_mask=am, position_ids=pos)[0])
+        out.append(full_attention(q, k, v, attention_mask=am, position_ids=pos)[0])
+        torch.autograd.grad(out[0].sum() + out[1].sum(), (q, k, v), retain_graph=True)
+
+    largest = _largest_bool(run)
+    if executor == "lean":  # the autograd executor masks such groups instead
+        assert largest < g * g // 4
+    for got, group in zip(out, (g, n)):
+        ref = reference_attention(q, k, v, s2_reference_mask(b, h, n, group, shift if group < n else "split", am, pos))
+        torch.testing.assert_close(got, ref, **TOL)
+        grad = torch.randn_like(got)
+        want = torch.autograd.grad(ref, (q, k, v), grad)
+        for name, a, e in zip("qkv", torch.autograd.grad(got, (q, k, v), grad, retain_graph=True), want):
+            torch.testing.assert_close(a, e, **TOL, msg=lambda m: f"d{name}: {m}")
 
 
 def test_full_attention_with_kv_cache_offsets_queries():

@@ -39,8 +39,11 @@ Edge cases, decided:
 
 Speed: groups are folded into the batch dimension (views, no copy, in the layout transformers
 produces) and each fold is one SDPA call, so torch's fused causal kernel does the work.
-Groups that hold a document start or padding get a mask; all others run the causal kernel
-with none. Masks, document ids and cu_seqlens are built once per forward (``masks.py``) and
+Groups that hold a document start or padding are cut into their document runs, each the
+fused causal kernel on a view of its tokens (the variable-length way flash-attn's varlen
+works), so a packed block costs what its documents cost; padded tokens attend to themselves.
+Only where that path cannot run (dropout, softcap, a sliding window shorter than a group, or
+SDPA on a GPU) do such groups get a dense [g, g] mask. Masks, document ids and cu_seqlens are built once per forward (``masks.py``) and
 shared by every layer. Backends (SDPA, flash-attn, torch varlen): ``backends.py``.
 """
 
@@ -221,6 +224,11 @@ def full_attention(
         v = repeat_kv(value, h // value.shape[1])
         if not needs_masks:  # one causal group: the fused kernel, no mask
             return _s2_sdpa(query, k, v, q_len, "split", None, None, scaling, dropout, None, softcap), None
+        if window is None and _lean(query, dropout, softcap):
+            # one group of the whole row, cut into its document runs: the fused causal kernel
+            # on views, with the lean backward (see _LeanGroupedAttention)
+            out = _s2_sdpa(query, k, v, q_len, "split", valid, docs, scaling, dropout, None, softcap, anchors)
+            return out, None
         runs = per_forward(anchors, ("runs", b, q_len, query.device), lambda: token_runs(valid, docs, b, q_len))
         out = segment_attention(
             query, k, v, runs, padded=valid is not None, window=window, scaling=scaling,
@@ -341,18 +349,71 @@ def _pieces(h: int, m: int, g: int, shift: str, always_shift: bool = False) -> l
     ]
 
 
-class _Plan:
-    """The pieces of one geometry, each cut into spans of consecutive folded groups that
-    share a kind: groups with a document start or padding carry their mask ([r, 1, g, g]);
-    the others carry the shared causal-window mask ([1, 1, g, g]) or None (plain causal,
-    the fused kernel with no mask). Built once per forward; every layer reuses it."""
+class _Span:
+    """A unit of work inside one piece (folded [rows, heads, g, D] tensors).
 
-    def __init__(self, parts: list[tuple[_Piece, list[tuple[slice, torch.Tensor | None]]]]):
+    * a fold: consecutive folded ``rows``, every token of them; ``mask`` [r or 1, 1, g, g]
+      bool, or None for plain causal (the fused kernel with no mask);
+    * a run (``tokens`` set): the tokens ``tokens`` of the one folded row ``rows``, one
+      document's real tokens, attending causally among themselves: the fused causal kernel on
+      a view, no mask. A group holding a document start is cut into runs, each costing what
+      its document's share of the group costs (flash-attn's varlen does the same on GPU);
+    * padding (``pad``): padded tokens of one row; each attends to itself only, so its output
+      is its value (and its gradient goes to that value alone)."""
+
+    __slots__ = ("rows", "mask", "tokens", "pad")
+
+    def __init__(self, rows: slice, mask: torch.Tensor | None = None, tokens: slice | None = None, pad: bool = False):
+        self.rows, self.mask, self.tokens, self.pad = rows, mask, tokens, pad
+
+    def view(self, x: torch.Tensor) -> torch.Tensor:
+        """This span's part of a folded [rows, heads, g, ...] tensor (a view)."""
+        return x[self.rows] if self.tokens is None else x[self.rows, :, self.tokens]
+
+
+def _runs_of_row(d: torch.Tensor | None, v: torch.Tensor | None) -> list[tuple[int, int, bool]] | None:
+    """(start, end, padded) for each maximal run of tokens of one document and one kind
+    (real or padded) in a group's [g] document ids / validity; None when some document's
+    real tokens are not one run (padding inside a document, as roll's wrapped group has with
+    left padding): its later tokens see its earlier ones across the gap, which only a mask says."""
+    g = (d if d is not None else v).shape[0]
+    change = torch.zeros(g, dtype=torch.bool, device=(d if d is not None else v).device)
+    if d is not None:
+        change[1:] |= d[1:] != d[:-1]
+    if v is not None:
+        change[1:] |= v[1:] != v[:-1]
+    starts = [0, *change.nonzero().flatten().tolist()]
+    bounds = [*starts, g]
+    real = [True] * len(starts) if v is None else v[starts].tolist()
+    doc = [0] * len(starts) if d is None else d[starts].tolist()
+    real_docs = [x for x, r in zip(doc, real) if r]
+    if len(set(real_docs)) != len(real_docs):
+        return None
+    return [(a, e, not r) for a, e, r in zip(bounds[:-1], bounds[1:], real)]
+
+
+def _masked_span(cut: slice, d_t, v_t, g: int, device, window) -> list["_Span"]:
+    """[] for no rows, else one fold span of ``cut``'s rows with their dense [r, 1, g, g] mask."""
+    if cut.stop <= cut.start:
+        return []
+    mask = group_mask(None if d_t is None else d_t[cut], None if v_t is None else v_t[cut], g, device, window)
+    return [_Span(cut, mask)]
+
+
+class _Plan:
+    """The pieces of one geometry, each cut into spans (``_Span``): consecutive clean folded
+    groups share one fold span with the shared causal-window mask ([1, 1, g, g]) or None;
+    a group with a document start or padding is, with ``runs``, cut into its document runs
+    and padding (no mask at all), else carries its own dense mask ([r, 1, g, g]). Built once
+    per forward; every layer reuses it."""
+
+    def __init__(self, parts: list[tuple[_Piece, list[_Span]]]):
         self.parts = parts
         self._additive: dict[torch.dtype, list] = {}
 
     @classmethod
-    def build(cls, b, h, m, g, shift, valid, docs, window, device, always_shift=False) -> "_Plan":
+    def build(cls, b, h, m, g, shift, valid, docs, window, device, always_shift=False, runs=False) -> "_Plan":
+        runs = runs and window is None  # a run longer than a window is not plain causal
         shared: dict[int, torch.Tensor | None] = {}
         parts = []
         for piece in _pieces(h, m, g, shift, always_shift):
@@ -361,20 +422,24 @@ class _Plan:
             rows = b * piece.n_groups
             d_t, v_t = piece.tokens(docs), piece.tokens(valid)  # [rows, g] each, or None
             if d_t is None and v_t is None:
-                parts.append((piece, [(slice(0, rows), shared[piece.g])]))
+                parts.append((piece, [_Span(slice(0, rows), shared[piece.g])]))
                 continue
             spans, start = [], 0
             for dirty, run in itertools.groupby(dirty_rows(d_t, v_t)):
                 end = start + len(list(run))
-                if dirty:
-                    cut = slice(start, end)
-                    mask = group_mask(
-                        None if d_t is None else d_t[cut], None if v_t is None else v_t[cut],
-                        piece.g, device, window,
-                    )
+                if not dirty:
+                    spans.append(_Span(slice(start, end), shared[piece.g]))
                 else:
-                    mask = shared[piece.g]
-                spans.append((slice(start, end), mask))
+                    cuts = [_runs_of_row(None if d_t is None else d_t[r], None if v_t is None else v_t[r])
+                            for r in range(start, end)] if runs else [None] * (end - start)
+                    masked = start  # consecutive rows that need their dense mask share one span
+                    for r, row_cuts in enumerate(cuts, start):
+                        if row_cuts is None:
+                            continue
+                        spans.extend(_masked_span(slice(masked, r), d_t, v_t, piece.g, device, window))
+                        spans.extend(_Span(slice(r, r + 1), tokens=slice(a, e), pad=pad) for a, e, pad in row_cuts)
+                        masked = r + 1
+                    spans.extend(_masked_span(slice(masked, end), d_t, v_t, piece.g, device, window))
                 start = end
             parts.append((piece, spans))
         return cls(parts)
@@ -382,12 +447,23 @@ class _Plan:
     def additive(self, dtype: torch.dtype) -> list[list[torch.Tensor | None]]:
         """The masks as additive biases of ``dtype`` (what the fused CPU kernel takes)."""
         if dtype not in self._additive:
-            self._additive[dtype] = [[_additive(mask, dtype) for _, mask in spans] for _, spans in self.parts]
+            self._additive[dtype] = [[_additive(span.mask, dtype) for span in spans] for _, spans in self.parts]
         return self._additive[dtype]
 
 
 LEAN_CPU_BACKWARD = True
 """Use the hand-written backward on the CPU (tests switch it off to cover the other path)."""
+
+
+def _lean(q: torch.Tensor, dropout: float, softcap: float | None) -> bool:
+    """Whether the hand-written fused-CPU path runs (it also cuts masked groups into runs)."""
+    return (
+        LEAN_CPU_BACKWARD
+        and softcap is None
+        and dropout == 0.0
+        and q.device.type == "cpu"
+        and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward")
+    )
 
 
 def _grouped_attention(q, k, v, plan: _Plan, scaling, dropout, softcap) -> torch.Tensor:
@@ -397,13 +473,7 @@ def _grouped_attention(q, k, v, plan: _Plan, scaling, dropout, softcap) -> torch
             return softcap_attention(qs, ks, vs, mask, scaling=scaling, softcap=softcap, dropout=dropout)
 
         return _each_span(q, k, v, plan, attend)
-    lean = (
-        LEAN_CPU_BACKWARD
-        and dropout == 0.0
-        and q.device.type == "cpu"
-        and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward")
-    )
-    if lean:
+    if _lean(q, dropout, softcap):
         return _LeanGroupedAttention.apply(q, k, v, plan, scaling)
 
     def attend(qs, ks, vs, mask):
@@ -415,12 +485,13 @@ def _grouped_attention(q, k, v, plan: _Plan, scaling, dropout, softcap) -> torch
 
 
 def _each_span(q, k, v, plan: _Plan, attend) -> torch.Tensor:
-    """Plain autograd over every span of every piece: [B, H, M, D] -> [B, M, H, D]."""
+    """Plain autograd over every span of every piece: [B, H, M, D] -> [B, M, H, D].
+    (Plans built for this path hold fold spans only.)"""
     b, h, m, d = q.shape
     out = q.new_empty(b, m, h, d)
     for piece, spans in plan.parts:
         qs, ks, vs = piece.gather(q), piece.gather(k), piece.gather(v)  # [rows, heads, g, D]
-        outs = [attend(qs[rows], ks[rows], vs[rows], mask) for rows, mask in spans]
+        outs = [attend(qs[span.rows], ks[span.rows], vs[span.rows], span.mask) for span in spans]
         piece.scatter(out.transpose(1, 2), outs[0] if len(outs) == 1 else torch.cat(outs))  # autograd tracks the copies
     return out
 
@@ -431,40 +502,50 @@ class _LeanGroupedAttention(torch.autograd.Function):
     Through plain autograd every head or token slice's backward allocates a zero gradient
     of its whole input, and the pieces are summed: 2-3x the memory of full attention. Here
     each of dq, dk, dv is one buffer, written block by block (see ``_blocks``) while each
-    block's own gradients are freed, so peak memory stays below full attention's."""
+    block's own gradients are freed, so peak memory stays below full attention's. Runs
+    (document spans, see ``_Span``) are views too, so cutting a group into documents costs
+    kernel calls, not copies."""
 
     @staticmethod
     def forward(ctx, q, k, v, plan, scaling):
         b, h, m, d = q.shape
         out = q.new_empty(b, m, h, d)  # transformers' output layout
         fmasks = plan.additive(q.dtype)
-        lses = []  # one [rows, heads, g] fp32 tensor per span
+        lses = []  # one fp32 tensor per non-padding span: [span rows, heads, span tokens]
         for (piece, spans), fspans in zip(plan.parts, fmasks):
             qs, ks, vs = piece.gather(q), piece.gather(k), piece.gather(v)  # [rows, heads, g, D]
             dst = piece.gather(out.transpose(1, 2))
-            # The kernel returns a fresh output: written into ``out`` block by block, only one
-            # block's copy exists at a time (a whole piece's would be half of ``out``).
+            # The kernel returns a fresh output, copied into ``out`` block by block, so only
+            # one block's copy exists at a time (a whole piece's would be half of ``out``).
             direct = _same_storage(dst, out)
-            outs = []
-            for (span, _), fmask in zip(spans, fspans):
-                lse = qs.new_empty(span.stop - span.start, qs.shape[1], qs.shape[2], dtype=torch.float32)
-                # without a view to write into, the span's output is kept whole for the scatter
-                blocks = _forward_blocks(span, qs.shape[1], qs[0, 0].numel()) if direct else [(span, slice(None))]
-                for rows, heads in blocks:
-                    mask = fmask if fmask is None or fmask.shape[0] == 1 else fmask[rows.start - span.start : rows.stop - span.start]
+            if not direct:  # batch > 1 with groups off the row start, or roll: a folded buffer
+                dst = torch.empty_like(qs)
+            for span, fmask in zip(spans, fspans):
+                if span.pad:
+                    span.view(dst).copy_(span.view(vs))
+                    continue
+                if span.tokens is not None:  # a run: one row, causal, a view of its tokens
+                    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                        span.view(qs), span.view(ks), span.view(vs), 0.0, True, scale=scaling
+                    )
+                    span.view(dst).copy_(o)
+                    lses.append(lse)  # [1, heads, run]
+                    del o
+                    continue
+                rows_span = span.rows
+                lse = qs.new_empty(rows_span.stop - rows_span.start, qs.shape[1], qs.shape[2], dtype=torch.float32)
+                for rows, heads in _forward_blocks(rows_span, qs.shape[1], qs[0, 0].numel()):
+                    mask = fmask if fmask is None or fmask.shape[0] == 1 else fmask[rows.start - rows_span.start : rows.stop - rows_span.start]
                     o, block_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                         qs[rows, heads], ks[rows, heads], vs[rows, heads], 0.0, fmask is None, attn_mask=mask,
                         scale=scaling,
                     )
-                    lse[rows.start - span.start : rows.stop - span.start, heads] = block_lse
-                    if direct:
-                        dst[rows, heads].copy_(o)
-                    else:  # batch > 1 with groups off the row start, or roll
-                        outs.append(o)
+                    lse[rows.start - rows_span.start : rows.stop - rows_span.start, heads] = block_lse
+                    dst[rows, heads].copy_(o)
                     del o, block_lse
                 lses.append(lse)  # [span rows, heads, g]
             if not direct:
-                piece.scatter(out.transpose(1, 2), outs[0] if len(outs) == 1 else torch.cat(outs))
+                piece.scatter(out.transpose(1, 2), dst)
         ctx.save_for_backward(q, k, v, out, *lses)
         ctx.plan, ctx.fmasks, ctx.scaling = plan, fmasks, scaling
         return out
@@ -482,16 +563,21 @@ class _LeanGroupedAttention(torch.autograd.Function):
             direct = all(_same_storage(d, g) for d, g in zip(dsts, grads))
             if not direct:  # roll, or batch > 1 with groups off the row start: a folded buffer
                 dsts = [torch.empty_like(x) for x in ins[1:4]]
-            for (span, _), fmask in zip(spans, fspans):
+            for span, fmask in zip(spans, fspans):
+                span_ins = [span.view(x) for x in ins]
+                span_dsts = [span.view(x) for x in dsts]
+                if span.pad:  # out = v there: the gradient is the value's alone
+                    span_dsts[0].zero_()
+                    span_dsts[1].zero_()
+                    span_dsts[2].copy_(span_ins[0])
+                    continue
                 lse = next(lse_of_span)
-                span_ins = [x[span] for x in ins]
-                span_dsts = [x[span] for x in dsts]
+                causal = fmask is None
                 for rows, heads in _blocks(span_ins[1].shape[0], span_ins[1].shape[1], threads):
                     go, qb, kb, vb, ob = (x[rows, heads] for x in span_ins)
                     mask = fmask if fmask is None or fmask.shape[0] == 1 else fmask[rows]
                     block_grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                        go, qb, kb, vb, ob, lse[rows, heads], 0.0, fmask is None,
-                        attn_mask=mask, scale=ctx.scaling,
+                        go, qb, kb, vb, ob, lse[rows, heads], 0.0, causal, attn_mask=mask, scale=ctx.scaling,
                     )
                     for dst, g in zip(span_dsts, block_grads):
                         dst[rows, heads].copy_(g)
@@ -567,8 +653,9 @@ def _s2_sdpa(
         # query's future and its queries are dropped, so it needs no mask of its own.
         vt = None if valid is None else F.pad(valid, (0, extra), value=True)
         dt = None if docs is None else torch.cat([docs, docs[:, -1:].expand(-1, extra)], 1)
-        return _Plan.build(b, h, n + extra, g, shift, vt, dt, window, q.device, always_shift)
+        return _Plan.build(b, h, n + extra, g, shift, vt, dt, window, q.device, always_shift, runs=lean)
 
-    plan = per_forward(anchors, ("s2", b, n, g, shift, window, h, q.device, always_shift), build)
+    lean = _lean(q, dropout, softcap)
+    plan = per_forward(anchors, ("s2", b, n, g, shift, window, h, q.device, always_shift, lean), build)
     out = _grouped_attention(q, k, v, plan, scaling, dropout, softcap)
     return out[:, :n] if extra else out

@@ -161,20 +161,28 @@ def packed_inputs(seq, args):
     return layers, packed_positions(seq, args.docs, args.device)
 
 
-def packed_step(impl, mode, layers, pos, ratio):
-    """One forward (and backward for training) of ``len(layers)`` attention layers."""
+def run_layers(layers, attend, train):
+    """``attend(q, k, v)`` over ``len(layers)`` attention layers of one forward; ``train``:
+    with a backward through all of them, else under no_grad (the held-out eval)."""
     clear_forward_cache()  # what the model's forward hooks do; the baseline has no cache
-    g = int(layers[0][0].shape[2] * ratio)
-    if mode == "eval":
+    if not train:
         with torch.no_grad():
             for q, k, v in layers:
-                impl.full_attention(q, k, v, position_ids=pos)
+                attend(q, k, v)
         return
-    positions = pos if mode == "s2 packed" else None
-    outs = [impl.s2_attention(q, k, v, group_size=g, position_ids=positions)[0] for q, k, v in layers]
+    outs = [attend(q, k, v)[0] for q, k, v in layers]
     torch.stack([o.sum() for o in outs]).sum().backward()
     for q, k, v in layers:
         q.grad = k.grad = v.grad = None
+
+
+def packed_step(impl, mode, layers, pos, ratio):
+    """One forward (and backward for training) of ``len(layers)`` attention layers."""
+    g = int(layers[0][0].shape[2] * ratio)
+    if mode == "eval":
+        return run_layers(layers, lambda q, k, v: impl.full_attention(q, k, v, position_ids=pos), train=False)
+    positions = pos if mode == "s2 packed" else None
+    run_layers(layers, lambda q, k, v: impl.s2_attention(q, k, v, group_size=g, position_ids=positions), train=True)
 
 
 PACKED_MODES = ("s2 packed", "eval", "s2 unpacked")
@@ -252,20 +260,12 @@ DOCUMENT_MODES = ("s2 train", "full train", "full eval")
 
 def document_step(mode, layers, pos, ratio):
     """``len(layers)`` attention calls sharing ``pos`` (training: forward and backward)."""
-    clear_forward_cache()
     g = int(layers[0][0].shape[2] * ratio)
-    if mode == "full eval":
-        with torch.no_grad():
-            for q, k, v in layers:
-                current_s2.full_attention(q, k, v, position_ids=pos)
-        return
     if mode == "s2 train":
-        outs = [s2_attention(q, k, v, group_size=g, position_ids=pos)[0] for q, k, v in layers]
+        attend = lambda q, k, v: s2_attention(q, k, v, group_size=g, position_ids=pos)  # noqa: E731
     else:
-        outs = [current_s2.full_attention(q, k, v, position_ids=pos)[0] for q, k, v in layers]
-    torch.stack([o.sum() for o in outs]).sum().backward()
-    for q, k, v in layers:
-        q.grad = k.grad = v.grad = None
+        attend = lambda q, k, v: current_s2.full_attention(q, k, v, position_ids=pos)  # noqa: E731
+    run_layers(layers, attend, train=mode != "full eval")
 
 
 def documents_suite(args):

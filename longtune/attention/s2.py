@@ -43,8 +43,8 @@ Groups that hold a document start or padding are cut into their document runs, e
 fused causal kernel on a view of its tokens (the variable-length way flash-attn's varlen
 works), so a packed block costs what its documents cost; padded tokens attend to themselves.
 Only where that path cannot run (dropout, softcap, a sliding window shorter than a group, or
-SDPA on a GPU) do such groups get a dense [g, g] mask. Masks, document ids and cu_seqlens are built once per forward (``masks.py``) and
-shared by every layer. Backends (SDPA, flash-attn, torch varlen): ``backends.py``.
+SDPA on a GPU) do such groups get a dense [g, g] mask. Masks, document ids and cu_seqlens are
+built once per forward (``masks.py``) and shared by every layer. Backends (SDPA, flash-attn, torch varlen): ``backends.py``.
 """
 
 from __future__ import annotations

@@ -222,7 +222,7 @@ def _timed(step: Callable[[], None], device: str, reps: int) -> tuple[float, int
 def train_step(s: Sizes, workdir: Path) -> list[dict[str, Any]]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from longtune.attention import use_full_attention, use_s2_attention
+    from longtune.attention import use_document_full_attention, use_s2_attention
     from longtune.config import load_config
     from longtune.precision import resolve_precision
     from longtune.train.loop import build_loss, build_model, build_optimizer
@@ -255,7 +255,7 @@ def train_step(s: Sizes, workdir: Path) -> list[dict[str, Any]]:
         if attention == "s2":
             use_s2_attention(model, 0.25)
         else:
-            use_full_attention(model)
+            use_document_full_attention(model)  # what attention.type=full trains with
         for chunked, loss_fn in losses.items():
             rows.append(_step_row(loss_fn, block, params, optimizer, scheduler, run, autocast, s,
                                   attention=attention, chunked_loss=chunked))

@@ -35,11 +35,12 @@ per-rep ratios), and the loss's largest relative difference from DDP's on the sa
 Writes --fsdp-out. On CPUs the gathers run over gloo on loopback, unoverlapped: its step
 times say what sharding costs here, not on GPUs with NCCL.
 
-Part 4 (--parts packed) — the step's peak on a packed block (documents of 300-3,000 tokens,
-as `longtune prepare` packs short documents), S2-Attn vs full attention, chunked loss on, a
-fresh process per measurement: full attention (the model's own SDPA) gets a [N, N] mask for
-packed rows; S2-Attn's CPU path masks each group that holds a document start ([g, g]).
-Writes --packed-out.
+Part 4 (--parts packed) — a step on a packed block (documents of 300-3,000 tokens, as
+`longtune prepare` packs short documents) against the same tokens as one document, S2-Attn
+and full attention, chunked loss on: the four cases interleaved in one process, the cost the
+median of per-rep packed/one ratios (issue #22's target: at most 1.1x); then the packed
+step's peak, a fresh process per measurement. On the CPU's lean path each document of a
+group runs the fused causal kernel on its own span (no mask). Writes --packed-out.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ class Stepper:
     (all logits at once) and the chunked one, stepping on a random block."""
 
     def __init__(self, model_dir: str, context: int, chunk_tokens: int, packed: bool = False):
-        from longtune.attention import use_full_attention, use_s2_attention
+        from longtune.attention import use_document_full_attention, use_s2_attention
         from longtune.train.loop import build_loss, build_model, build_optimizer
         from longtune.train.loss import LanguageModelLoss
 
@@ -101,20 +102,25 @@ class Stepper:
         self.losses = {"on": build_loss(self.config, self.model), "off": LanguageModelLoss(self.model, None)}
         assert self.losses["on"].chunked and not self.losses["off"].chunked
         self.switch = {"s2": lambda: use_s2_attention(self.model, 0.25),
-                       "full": lambda: use_full_attention(self.model)}
+                       "full": lambda: use_document_full_attention(self.model)}  # as the loop trains it
         gen = torch.Generator().manual_seed(0)
         vocab = self.model.get_base_model().config.vocab_size
-        self.block = {"input_ids": torch.randint(0, vocab, (1, context), generator=gen),
-                      "position_ids": packed_positions(context)[None] if packed else torch.arange(context)[None]}
+        ids = torch.randint(0, vocab, (1, context), generator=gen)
+        # the same tokens as one document (continuous positions) and as packed documents
+        self.blocks = {False: {"input_ids": ids, "position_ids": torch.arange(context)[None]},
+                       True: {"input_ids": ids, "position_ids": packed_positions(context)[None]}}
+        self.packed = packed
         self.model.train()
 
-    def step(self, method: str, loss: str) -> tuple[float, float]:
-        """Wall-clock and CPU seconds (this process's threads) of one optimizer step."""
+    def step(self, method: str, loss: str, packed: bool | None = None) -> tuple[float, float]:
+        """Wall-clock and CPU seconds (this process's threads) of one optimizer step, on the
+        packed block or the one-document block (default: as built)."""
         from longtune.train.loop import optimizer_step
 
+        block = self.blocks[self.packed if packed is None else packed]
         self.switch[method]()
         start, cpu = time.perf_counter(), time.process_time()
-        optimizer_step(self.losses[loss], [self.block], self.params, self.optimizer, self.scheduler,
+        optimizer_step(self.losses[loss], [block], self.params, self.optimizer, self.scheduler,
                        self.config, self.autocast)
         return time.perf_counter() - start, time.process_time() - cpu
 
@@ -182,12 +188,29 @@ def packed_positions(context: int) -> torch.Tensor:
     return torch.cat(runs)
 
 
+PACKED_CASES = [(m, packed) for m in ("full", "s2") for packed in (False, True)]
+
+
 def packed_rows(model_dir: str, args) -> list[dict]:
-    """Peak memory of a step on a packed block (documents of 300-3,000 tokens), S2 vs full
-    attention, the chunked loss on; a fresh process per measurement."""
+    """A step on a packed block (documents of 300-3,000 tokens) against the same tokens as one
+    document, S2 vs full attention, the chunked loss on: the four cases interleaved in one
+    process (--reps, after a warm-up each), the cost the median of per-rep packed/one ratios;
+    then the packed step's peak, a fresh process per measurement."""
     rows = []
-    print(f"{'context':>8} {'documents':>9} {'full MiB':>9} {'S2 MiB':>8} {'S2 / full':>9}")
+    print(f"{'':8} {'':9} {'step s (one doc / packed)':^27} {'packed / one':^15} {'peak MiB (packed)':^27}")
+    print(f"{'context':>8} {'documents':>9} {'full':>13} {'S2':>13} {'full':>7} {'S2':>7} "
+          f"{'full':>9} {'S2':>8} {'S2 / full':>9}")
     for context in args.contexts:
+        stepper = Stepper(model_dir, context, args.chunk_tokens)
+        times = {case: [] for case in PACKED_CASES}
+        for m, packed in PACKED_CASES:
+            stepper.step(m, "on", packed)  # warm-up
+        for _ in range(args.reps):  # interleaved: machine noise slows every case alike
+            for m, packed in PACKED_CASES:
+                times[m, packed].append(stepper.step(m, "on", packed)[0])
+            print("  step s: " + "  ".join(f"{m} {'packed' if packed else 'one'} {times[m, packed][-1]:.2f}"
+                                         for m, packed in PACKED_CASES), flush=True)
+        del stepper
         peaks = {}
         for method in ("full", "s2"):
             argv = [__file__, "--_packed", method, str(context), model_dir, str(args.chunk_tokens)]
@@ -195,8 +218,15 @@ def packed_rows(model_dir: str, args) -> list[dict]:
         docs = int((packed_positions(context) == 0).sum())
         row = {"context": context, "documents": docs, "full_peak_mib": peaks["full"], "s2_peak_mib": peaks["s2"],
                "s2_vs_full": peaks["s2"] / peaks["full"]}
+        for m in ("full", "s2"):
+            row[f"{m}_one_step_s"] = median(times[m, False])
+            row[f"{m}_packed_step_s"] = median(times[m, True])
+            row[f"{m}_packed_cost"] = median(p / o for o, p in zip(times[m, False], times[m, True]))
         rows.append(row)
-        print(f"{context:8d} {docs:9d} {peaks['full']:9.0f} {peaks['s2']:8.0f} {row['s2_vs_full']:9.2f}", flush=True)
+        print(f"{context:8d} {docs:9d} {row['full_one_step_s']:6.2f}/{row['full_packed_step_s']:<6.2f} "
+              f"{row['s2_one_step_s']:6.2f}/{row['s2_packed_step_s']:<6.2f} {row['full_packed_cost']:6.2f}x "
+              f"{row['s2_packed_cost']:6.2f}x {peaks['full']:9.0f} {peaks['s2']:8.0f} {row['s2_vs_full']:9.2f}",
+              flush=True)
     return rows
 
 

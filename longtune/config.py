@@ -303,7 +303,8 @@ class DataConfig(_Section):
 
 class AttentionConfig(_Section):
     type: Literal["s2", "full"] = Field(
-        "s2", description="Training attention: s2 = shifted sparse attention, full = causal."
+        "s2", description="Training attention: s2 = shifted sparse attention, full = causal (packed "
+        "documents kept apart by their own causal calls or varlen sequences, no [N, N] mask)."
     )
     group_size_ratio: float = Field(
         0.25, description="S2-Attn group size as a fraction of the sequence length."

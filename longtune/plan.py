@@ -53,9 +53,10 @@ buffers, flash kernels on the straddling group) are modelled, not measured.
 
 Assumptions, stated in every plan: ``attention.backend: auto`` on a GPU is flash-attn (the
 cluster YAMLs install it); rows may hold several documents when ``data.position_ids`` is
-``document`` (the default), so backends that build document masks (CUDA SDPA for S2, the
-model's own SDPA for ``attention.type: full``) are charged their worst case; rows of one
-document each cost no masks.
+``document`` (the default), so a backend that builds document masks (CUDA SDPA for S2) is
+charged its worst case; rows of one document each cost no masks. Full
+attention (``attention.type: full``) is longtune's: one group of the whole row, each
+document its own causal call (CPU) or varlen sequence (CUDA), no [N, N] mask.
 
 No Ray and no MLflow here; torch is imported for dtypes only.
 """
@@ -376,9 +377,10 @@ def layout(config: Config, device: str, bf16_native: bool | None) -> Layout:
 
 def attention_backend(config: Config, device: str) -> str:
     """The kernel the plan charges: ``cpu-sdpa`` (the CPU's SDPA with the hand-written S2
-    backward), ``flash``, ``varlen``, ``cuda-sdpa`` for S2; ``full-sdpa`` for the model's own
-    attention (attention.type full)."""
-    if config.attention.type == "full":
+    backward), ``flash``, ``varlen``, ``cuda-sdpa`` for S2-Attn, and for longtune's full
+    attention on a GPU (one group of the whole row); ``full-sdpa`` for full attention on the
+    CPU (torch's fused causal kernel with its own backward, as the model's own SDPA runs it)."""
+    if device == "cpu" and config.attention.type == "full":
         return "full-sdpa"
     if device == "cpu":
         return "cpu-sdpa"
@@ -545,7 +547,7 @@ def plan_run(config: Config, gpu: str | GPU | None = None, *, device: str = "cud
     n = config.context_length
     phases, host, notes, offloaded = _phases(config, shape, trained, lay, backend, device, n)
     if device == "cuda":
-        if config.attention.type == "s2" and config.attention.backend == "auto":
+        if config.attention.backend == "auto":
             notes.append("attention.backend=auto is planned as flash-attn (the cluster YAMLs install it); "
                          "without it auto runs torch's varlen kernel on packed rows (the same memory) or SDPA")
         if config.train.strategy == "fsdp":
@@ -555,7 +557,7 @@ def plan_run(config: Config, gpu: str | GPU | None = None, *, device: str = "cud
         else:
             notes.append("modelled from their source, not yet measured on a GPU: the attention kernels' terms, "
                          "DDP's buckets, activation offload; the rest matched the CPU step's tracked peak within 2%")
-    elif config.data.position_ids == "document" and config.attention.type == "s2":
+    elif config.data.position_ids == "document":
         notes.append("the CPU plan charges no document masks (rows of one document each)")
     peak_phase = max(phases, key=lambda p: sum(phases[p].values()))
     peak = sum(phases[peak_phase].values())
@@ -619,6 +621,8 @@ def _group_size(config: Config, n: int) -> int:
     """S2's group size for ``n`` tokens, by ``longtune.attention.s2.resolve_group_size``'s
     rule (repeated here: importing the attention package imports transformers, seconds of
     a plan's run; a test keeps the two equal)."""
+    if config.attention.type == "full":
+        return n  # full attention: one group of the whole row
     if config.attention.group_size is not None:
         return config.attention.group_size
     g = int(n * config.attention.group_size_ratio)
@@ -1114,6 +1118,9 @@ def _attention(config: Config, s: ModelShape, lay: Layout, backend: str, b: int,
     note = None
     fixed = 0
     g_all = group if group is not None else _group_size(config, n)
+    window = s.sliding_window if s.sliding_window and s.sliding_window < n else None
+    if backend == "full-sdpa" and window is not None:
+        return _windowed_segments(s, lay, b, n, window)
     if backend == "cpu-sdpa":
         g = g_all
         pad = (-n % g) if n > g else 0
@@ -1141,31 +1148,38 @@ def _attention(config: Config, s: ModelShape, lay: Layout, backend: str, b: int,
         kq = c * qd
         saved = 3 * kq + kq + (kq if out_kept else 0) + 4 * heads  # q, k, v repeated, the spans' outputs, out
         bwd = 6 * kq  # plain autograd: each piece's slice backward allocates its input's size
-        if packed:
+        if packed and config.attention.type == "s2":  # full attention: each document its own call
             groups = math.ceil(n / g)
             fixed = b * (2 * groups) * g * g * (1 + c)  # worst case: every group holds a document start
             note = (f"attention.backend=sdpa with packed rows: up to {fixed / GiB:.1f} GiB of per-group document "
                     "masks (varlen/flash need none; rows of one document need none)")
         transient = tok * (e * (qd + kvd) + 3 * kq)
         return saved, bwd, fixed, transient, note
-    # full attention: the model's own SDPA (transformers), causal, GQA native without a mask
-    window = s.sliding_window if s.sliding_window and s.sliding_window < n else None
-    masked = packed or window is not None
-    kv = qd if (masked and rep > 1) else kvd  # with a mask transformers repeats the kv heads
-    # q, k, v and the kernel's output (laid out [B, N, H, D]: transformers' transpose and
-    # .contiguous() are views of it), its log-sum-exp
-    saved = c * qd + 2 * c * kv + c * qd + 4 * heads
-    bwd = c * (qd + 2 * kv) + (4 * qd if lay.c != 4 else 0)  # dq, dk, dv and flash's fp32 dq accumulator
+    if backend != "full-sdpa":
+        raise ValueError(f"unknown attention backend {backend!r}")
+    # full attention on the CPU, a causal row (the plan's CPU rows are one document each):
+    # torch's SDPA, GQA native, no mask; q, k, v and the kernel's output (laid out
+    # [B, N, H, D]: the transpose and .contiguous() are views of it), its log-sum-exp
+    saved = c * qd + 2 * c * kvd + c * qd + 4 * heads
+    bwd = c * (qd + 2 * kvd) + (4 * qd if lay.c != 4 else 0)  # dq, dk, dv and flash's fp32 dq accumulator
     transient = tok * (e * (qd + kvd) + 2 * c * qd)
-    if masked:
-        why = "packed rows" if packed else f"the sliding window ({window})"
-        mask = b * n * n  # [B, 1, N, N] bool, built once per forward, held to the backward
-        converted = c * b * n * n  # SDPA turns a bool mask into an additive one per call
-        fixed = mask
-        saved += converted / tok
-        note = (f"attention.type=full with {why}: transformers' SDPA mask [B, 1, N, N] ({mask / GiB:.1f} GiB) "
-                f"plus its additive copy per layer ({converted / GiB:.1f} GiB); quadratic in the context")
     return saved, bwd, fixed, transient, note
+
+
+def _windowed_segments(s: ModelShape, lay: Layout, b: int, n: int, window: int):
+    """Full attention under a sliding window on the CPU (attention/segments.py): blocks of
+    ``window`` queries over at most twice as many keys, each a fused SDPA call with a small
+    band mask (plain autograd), never an [N, N] mask."""
+    c = lay.c
+    e = max(lay.a, c)
+    qd, kvd, heads = s.q_dim, s.kv_dim, s.heads
+    kv = qd if s.heads > s.kv_heads else kvd  # repeat_kv materialises the kv heads
+    # q, the repeated k and v, each block's output and log-sum-exp (SDPA's saved tensors)
+    saved = c * qd + 2 * c * kv + c * qd + 4 * heads
+    bwd = c * (qd + 2 * kv) + c * qd  # dq, dk, dv and the gradient of the [B, N, H, D] buffer
+    transient = b * n * (e * (qd + kvd) + 2 * c * qd)
+    fixed = 2 * window * 2 * window  # the band masks: two shapes of [w, 2w] bool at most
+    return saved, bwd, fixed, transient, None
 
 
 # ---------------------------------------------------------------- sequence parallelism

@@ -16,6 +16,7 @@ from longtune.attention import (
     resolve_group_size,
     s2_reference_mask,
     s2_settings,
+    use_document_full_attention,
     use_full_attention,
     use_s2_attention,
 )
@@ -378,6 +379,61 @@ def test_eval_of_long_packed_rows_builds_no_n_by_n_mask():
     with torch.no_grad():
         want = model(input_ids=ids, position_ids=pos, use_cache=False).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _full_reference_interface(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Dense-mask full causal attention: a key is seen when it is not padding, not in the
+    query's future, in the query's document (position ids restart at 0) and its window."""
+    b, h, n, _ = query.shape
+    pos = kwargs["position_ids"].expand(b, n)
+    doc = (pos == 0).cumsum(-1)  # [B, N] document index per token
+    i = torch.arange(n)
+    mask = (i[None, :, None] >= i[None, None, :]) & (doc[:, :, None] == doc[:, None, :])  # [B, N, N]
+    if attention_mask is not None:
+        mask = mask & attention_mask.bool()[:, None, :]
+    window = kwargs.get("sliding_window")
+    if window is not None:
+        mask = mask & (i[:, None] - i[None, :] < window)
+    return reference_attention(query, key, value, mask[:, None].expand(b, h, n, n), scaling,
+                               softcap=kwargs.get("softcap")), None
+
+
+@pytest.mark.parametrize("arch, overrides", [("llama", {}), ("qwen2", {}), ("mistral", {"sliding_window": 16})])
+def test_document_full_attention_trains_like_the_dense_document_mask(arch, overrides):
+    """attention.type=full's training path: each document its own causal call (the CPU's
+    lean spans; windows as bands), equal to the dense mask in outputs and gradients."""
+    AttentionInterface.register("longtune_full_reference", _full_reference_interface)
+    AttentionMaskInterface.register("longtune_full_reference", flash_attention_mask)
+    model = tiny(arch, **overrides)
+    use_document_full_attention(model)
+    assert model.config._attn_implementation == ATTN_IMPLEMENTATION and s2_settings(model).full
+    model.train()
+    ids, mask = _batch(n=96)
+    pos = torch.cat([torch.arange(40), torch.arange(30), torch.arange(26)])[None].expand(2, -1)
+    real = mask.bool()
+    results = []
+    for implementation in (ATTN_IMPLEMENTATION, "longtune_full_reference"):
+        model.set_attn_implementation(implementation)
+        model.zero_grad()
+        logits = model(ids, attention_mask=mask, position_ids=pos).logits
+        logits[real].float().pow(2).mean().backward()  # padding's outputs reach no real token
+        results.append((logits[real].detach(), {k: p.grad.clone() for k, p in model.named_parameters()}))
+    (got, got_grads), (want, want_grads) = results
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    use_full_attention(model)  # back to the model's own
+    assert model.config._attn_implementation == "sdpa" and s2_settings(model) is None
+
+
+def test_attention_type_full_trains_with_document_full_attention(tmp_path):
+    from longtune.config import load_config
+    from longtune.train.parallel import adapted_model
+
+    config = load_config(None, ["attention.type=full"])
+    model = adapted_model(config, tiny("llama"))
+    assert s2_settings(model).full and s2_settings(model).backend == config.attention.backend
 
 
 # ---------------------------------------------------------------- torch varlen backend inside a model (emulated)

@@ -9,8 +9,8 @@ from longtune.attention.reference import reference_attention, s2_reference_mask
 from longtune.attention.s2 import full_attention, resolve_group_size, s2_attention
 
 _INTERFACE = {
-    "ATTN_IMPLEMENTATION", "S2Settings", "longtune_s2_attention", "s2_settings", "use_full_attention",
-    "use_s2_attention",
+    "ATTN_IMPLEMENTATION", "S2Settings", "longtune_s2_attention", "s2_settings", "use_document_full_attention",
+    "use_full_attention", "use_s2_attention",
 }
 
 
@@ -33,6 +33,7 @@ __all__ = [
     "s2_attention",
     "s2_reference_mask",
     "s2_settings",
+    "use_document_full_attention",
     "use_full_attention",
     "use_s2_attention",
 ]

@@ -3,8 +3,11 @@
 ``use_s2_attention(model)`` registers one attention function, ``longtune_s2``, and switches
 the model to it: in training mode it runs S2-Attn (sequence-parallel inside
 ``sequence_parallel.sharded_sequence``); in eval mode, or when keys outnumber
-queries (a KV cache), it runs full causal attention. ``use_full_attention(model)`` switches
-back to the implementation the model had. No monkey-patching: Llama, Mistral, Qwen2/3,
+queries (a KV cache), it runs full causal attention. ``use_document_full_attention(model)``
+switches to the same function with full attention in training too: packed documents kept
+apart by their own causal calls (or varlen sequences), never the [N, N] mask the model's own
+SDPA builds for packed rows. ``use_full_attention(model)`` switches back to the
+implementation the model had. No monkey-patching: Llama, Mistral, Qwen2/3,
 Gemma 2/3, ... all reach it through ``config._attn_implementation``.
 
 What transformers 5 passes to the function, and what is honoured: ``scaling``, ``dropout``,
@@ -44,6 +47,7 @@ class S2Settings:
     group_size: int | None = None  # fixed group size; overrides the ratio
     shift: Shift = "split"
     backend: Backend = "auto"
+    full: bool = False  # train with full attention (use_document_full_attention)
 
     def __post_init__(self) -> None:
         resolve_group_size(1024, self.group_size, self.group_size_ratio)  # validates both
@@ -82,7 +86,7 @@ def longtune_s2_attention(
             scaling=scaling, dropout=dropout, backend=settings.backend,
             sliding_window=kwargs.get("sliding_window"), softcap=softcap,
         )
-    if module.training and query.shape[2] == key.shape[2]:
+    if module.training and query.shape[2] == key.shape[2] and not settings.full:
         return s2_attention(
             query, key, value,
             group_size=resolve_group_size(query.shape[2], settings.group_size, settings.group_size_ratio),
@@ -126,7 +130,18 @@ def use_s2_attention(
 
     Also hooks ``model``'s forward so that what every layer shares (masks, document ids,
     cu_seqlens) is built once per forward and released when it ends."""
-    settings = S2Settings(group_size_ratio, group_size, shift, backend)
+    return _switch(model, S2Settings(group_size_ratio, group_size, shift, backend))
+
+
+def use_document_full_attention(model: torch.nn.Module, backend: Backend = "auto") -> torch.nn.Module:
+    """Train ``model`` with full causal attention that keeps packed documents apart by their
+    own causal calls (CPU: the fused kernel on each document's span; CUDA: a varlen kernel's
+    sequences) instead of the [N, N] mask the model's own SDPA builds for packed rows; the
+    same function as S2-Attn's eval mode. Returns the model."""
+    return _switch(model, S2Settings(backend=backend, full=True))
+
+
+def _switch(model: torch.nn.Module, settings: S2Settings) -> torch.nn.Module:
     register()
     config = _config_of(model)
     install_forward_cache_hooks(model)

@@ -134,14 +134,17 @@ def device_mesh(device: torch.device):
 
 
 def adapted_model(config: Config, base: nn.Module) -> PeftModel:
-    """``base`` -> adapter (its trained parameters in fp32) -> S2-Attn when configured."""
+    """``base`` -> adapter (its trained parameters in fp32) -> longtune's attention: S2-Attn,
+    or full attention that keeps packed documents apart without the model's own [N, N] mask."""
     from longtune.adapters import apply_adapter
-    from longtune.attention import use_s2_attention
+    from longtune.attention import use_document_full_attention, use_s2_attention
 
     model = apply_adapter(base, config.adapter, config.train.max_steps)
-    if config.attention.type == "s2":
-        a = config.attention
+    a = config.attention
+    if a.type == "s2":
         use_s2_attention(model, a.group_size_ratio, a.shift, group_size=a.group_size, backend=a.backend)
+    else:
+        use_document_full_attention(model, backend=a.backend)
     return model
 
 

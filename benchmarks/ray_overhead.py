@@ -101,9 +101,12 @@ class CpuSampler:
 
     def stop(self) -> dict[str, float]:
         self.end_times = self._snapshot(self.skip)
+        # by pid: a Ray worker's title changes with the task it runs (ray::IDLE ->
+        # ray::RayTrainWorker...), and a process first seen at the end started in the window
+        started = {pid: t for (pid, _), t in self.start_times.items()}
         by_name: dict[str, float] = {}
-        for key, end in self.end_times.items():
-            by_name[key[1]] = by_name.get(key[1], 0.0) + end - self.start_times.get(key, 0.0)
+        for (pid, name), end in self.end_times.items():
+            by_name[name] = by_name.get(name, 0.0) + end - started.get(pid, 0.0)
         return dict(sorted(by_name.items(), key=lambda kv: -kv[1]))
 
 
@@ -134,8 +137,11 @@ def run_job(settings: list[str], steps: int, store: Path, run_name: str, sample:
     client = MlflowClient(f"sqlite:///{store}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
                               filter_string=f"tags.mlflow.runName = '{run_name}'")
-    history = sorted(client.get_metric_history(runs[0].info.run_id, "train/step_time_s"), key=lambda m: m.step)
-    return {"step_s": [m.value for m in history][1:], "wall_s": wall, "cpu": cpu}
+    def history(name: str) -> list[float]:
+        return [m.value for m in sorted(client.get_metric_history(runs[0].info.run_id, name), key=lambda m: m.step)]
+
+    return {"step_s": history("train/step_time_s")[1:], "data_wait_s": history("train/data_wait_s")[1:],
+            "wall_s": wall, "cpu": cpu}
 
 
 def plain_loop(model_dir: str, settings: list[str], prepared: Path, steps: int, log_every: int) -> list[float]:
@@ -204,7 +210,8 @@ def main() -> None:
             plains.append(plain)
             ratios.append(median(job["step_s"]) / median(plain))
             print(f"  {attention} pass {i + 1}: job {median(job['step_s']):.3f} s/step, plain "
-                  f"{median(plain):.3f} s/step ({100 * (ratios[-1] - 1):+.1f}%), job wall {job['wall_s']:.0f} s",
+                  f"{median(plain):.3f} s/step ({100 * (ratios[-1] - 1):+.1f}%), of the job's step "
+                  f"{median(job['data_wait_s']):.3f} s waiting for data, job wall {job['wall_s']:.0f} s",
                   flush=True)
         row = {"attention": attention, "context": args.context, "steps": args.steps, "threads": threads,
                "job_step_s": median(s for j in jobs for s in j["step_s"]),

@@ -570,7 +570,7 @@ def loss_curves(tracker: Tracker) -> dict[str, list[tuple[int, float]]]:
 # What one training run reports (train/loop.py, the adapters' training hooks): its own
 # section of charts in MLflow's UI.
 TRAIN_METRICS = frozenset({
-    "loss", "lr", "tokens_per_s", "step_time_s", "peak_memory_mb", "tokens_seen", "epoch",
+    "loss", "lr", "tokens_per_s", "step_time_s", "data_wait_s", "peak_memory_mb", "tokens_seen", "epoch",
     "loss_scale", "skipped_steps", "resumed_from_step", "redone_steps", "rank_budget", "ranks_kept", "orth_loss",
 })
 # A search's figures (tune/mlflow_runs.py): final_<tune.metric> and steps_run on a trial,

@@ -102,7 +102,7 @@ def test_a_run_checkpoints_tracks_resumes_exactly_and_survives_a_killed_worker(r
     assert run.data.params["attention.group_size_ratio"] == "0.25"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [2, 4]
     # MLflow's UI: one chart section per group
-    assert {"train/lr", "train/tokens_per_s", "train/step_time_s", "train/peak_memory_mb",
+    assert {"train/lr", "train/tokens_per_s", "train/step_time_s", "train/data_wait_s", "train/peak_memory_mb",
             "eval/loss"} <= set(run.data.metrics)
     assert {k.split("/")[0] for k in run.data.metrics} == {"train", "eval"}, sorted(run.data.metrics)
     experiment = client.get_experiment(run.info.experiment_id)

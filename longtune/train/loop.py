@@ -105,8 +105,11 @@ def train_loop(worker: WorkerConfig) -> None:
     # ---------------------------------------------------------------- train
     model.train()
     window_start, window_steps, window = time.perf_counter(), 0, StepLoss()
+    data_wait = 0.0  # seconds of the window spent waiting for the next micro-batches
     while state.step < t.max_steps:
+        fetch = time.perf_counter()
         micro_batches = [next(batches) for _ in range(t.grad_accum_steps)]
+        data_wait += time.perf_counter() - fetch
         window += optimizer_step(
             wrapped, micro_batches, params, optimizer, scheduler, config, autocast, hooks, state.step + 1, scaler,
             sequence,
@@ -131,13 +134,14 @@ def train_loop(worker: WorkerConfig) -> None:
             "lr": scheduler.get_last_lr()[0],
             "tokens_per_s": tokens_per_step * window_steps / elapsed,
             "step_time_s": elapsed / window_steps,
+            "data_wait_s": data_wait / window_steps,  # of step_time_s: the data did not keep up
             "peak_memory_mb": _peak_memory_mb(device),
             "tokens_seen": state.tokens_seen,
             "epoch": state.epoch,
             **hooks.metrics(),
             **({"loss_scale": scaler.get_scale(), "skipped_steps": window.skipped} if scaler.is_enabled() else {}),
         }
-        window_steps, window = 0, StepLoss()
+        window_steps, window, data_wait = 0, StepLoss(), 0.0
 
         # ------------------------------------------------------------ eval, checkpoint, report
         if checkpoint_now and eval_blocks is not None:

@@ -49,24 +49,23 @@ CONTENDERS = ("hf", "trl", "full", "s2")
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def corpus_texts(tokens_needed: int, tokenizer) -> list[str]:
-    """The embedded stdlib corpus's documents in longtune's order (files of at least
-    data.min_doc_chars), as many as hold ``tokens_needed`` tokens: the Trainers tokenize what
-    they are given up front, and the whole library would take minutes."""
+def corpus_documents(tokens_needed: int, tokenizer) -> list[tuple[str, list[int]]]:
+    """(text, token ids) of the embedded stdlib corpus's documents, as `longtune prepare`
+    discovers them (files of at least data.min_doc_chars, in its order), as many as hold
+    ``tokens_needed`` tokens: the Trainers tokenize what they are given up front, and the
+    whole library would take minutes."""
     from longtune.config import Config
-    from longtune.data.stdlib import stdlib_files
+    from longtune.data.sources import discover
 
-    min_chars = Config().data.min_doc_chars
-    texts, total = [], 0
-    for path in stdlib_files():
-        if path.stat().st_size < min_chars:
-            continue
-        text = path.read_text(encoding="utf-8", errors="replace")
-        texts.append(text)
-        total += len(tokenizer(text)["input_ids"]) + 1
+    docs, total = [], 0
+    for entry in discover(["stdlib"], Config().data.min_doc_chars).files:
+        text = Path(entry.uri).read_text(encoding="utf-8", errors="replace")
+        ids = tokenizer(text)["input_ids"]
+        docs.append((text, ids))
+        total += len(ids) + 1
         if total >= tokens_needed:
             break
-    return texts
+    return docs
 
 
 def lora_plus(model):
@@ -83,9 +82,12 @@ def lora_plus(model):
 
 
 def training_arguments(cls, out: str, steps: int, **extra):
+    from longtune.precision import native_bf16
+
+    # bf16 autocast where longtune's train.precision=auto takes it (AVX512-BF16 or AMX)
     return cls(output_dir=out, max_steps=steps, per_device_train_batch_size=1, gradient_accumulation_steps=1,
                learning_rate=2e-5, warmup_steps=0, weight_decay=0.0, lr_scheduler_type="constant",
-               bf16=torch.backends.mkldnn.is_available(), use_cpu=True, gradient_checkpointing=True,
+               bf16=native_bf16("cpu"), use_cpu=True, gradient_checkpointing=True,
                gradient_checkpointing_kwargs={"use_reentrant": False}, logging_steps=10**6, save_strategy="no",
                report_to=[], dataloader_num_workers=0, disable_tqdm=True, seed=0, **extra)
 
@@ -118,8 +120,8 @@ def run_hf(model_dir: str, context: int, steps: int) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ids: list[int] = []
-    for text in corpus_texts(context * (steps + 1), tokenizer):
-        ids += tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
+    for _, doc in corpus_documents(context * (steps + 1), tokenizer):
+        ids += doc + [tokenizer.eos_token_id]
     blocks = [torch.tensor(ids[i * context:(i + 1) * context]) for i in range(len(ids) // context)][:steps]
 
     class Blocks(torch.utils.data.Dataset):
@@ -145,7 +147,7 @@ def run_trl(model_dir: str, context: int, steps: int) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    texts = corpus_texts(context * (steps + 2), tokenizer)
+    texts = [text for text, _ in corpus_documents(context * (steps + 2), tokenizer)]
     model = lora_plus(LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa"))
     timer = step_timer()
     tokens: list[int] = []

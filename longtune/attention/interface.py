@@ -161,7 +161,8 @@ def use_full_attention(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def s2_settings(model: torch.nn.Module) -> S2Settings | None:
-    """The S2 settings in force, or None when the model runs its own attention."""
+    """The settings of longtune's attention in force (``full`` set when it trains with full
+    attention, ``use_document_full_attention``), or None when the model runs its own."""
     if _config_of(model)._attn_implementation != ATTN_IMPLEMENTATION:
         return None
     for module in model.modules():

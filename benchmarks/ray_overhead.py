@@ -17,9 +17,15 @@ the first ``--steps`` blocks of the same parquet files in the same order, with t
 threads, its first window left out alike. The two alternate ``--passes`` times, so a slower
 minute of the machine slows both; the overhead is the median of the per-pass ratios.
 
+Between the two, ``--ray-train`` runs the plain loop inside a bare TorchTrainer (one worker
+with the same CPUs, the blocks read from the parquet files by the worker itself: no Ray Data,
+no longtune loop, no MLflow), which says how much of the job's cost is Ray Train's processes
+alone; ``--dashboard`` adds a job run with scaling.local_dashboard=true, the dashboard's cost.
+
 While the job trains, the CPU seconds of every other process of the machine's user (the Ray
 head's processes, the driver, the worker's own non-torch threads) are sampled, to say where a
-2-core machine's time goes. Prints a table and writes JSON.
+2-core machine's time goes, and every run counts how often its training process's threads
+were preempted (involuntary context switches a second). Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -70,6 +76,33 @@ def job_settings(model_dir: str, context: int, attention: str, steps: int, log_e
             "scaling.num_workers=1", f"scaling.cpus_per_worker={torch.get_num_threads()}"]
 
 
+def preemptions(pid: int | str = "self") -> dict[str, int]:
+    """Involuntary context switches of each thread of process ``pid`` so far, by thread id."""
+    counts = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+        except FileNotFoundError:  # the thread ended
+            continue
+        counts[tid] = int(status.split("nonvoluntary_ctxt_switches:")[1].split()[0])
+    return counts
+
+
+def preempted_since(before: dict[str, int], pid: int | str = "self") -> int:
+    """Preemptions of ``pid``'s threads since ``before`` (``preemptions``): a thread that
+    ended in between takes its count along, so each thread's own difference is summed."""
+    return sum(n - before.get(tid, 0) for tid, n in preemptions(pid).items())
+
+
+def _train_worker_pid() -> int | None:
+    import psutil
+
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        if (p.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker"):
+            return p.info["pid"]
+    return None
+
+
 class CpuSampler:
     """CPU seconds of this user's processes, by name, between start() and stop()."""
 
@@ -97,10 +130,16 @@ class CpuSampler:
         return out
 
     def start(self):
+        self.worker = _train_worker_pid()
+        self.worker_preempted = preemptions(self.worker) if self.worker else {}
+        self.started = time.perf_counter()
         self.start_times = self._snapshot(self.skip)
 
     def stop(self) -> dict[str, float]:
         self.end_times = self._snapshot(self.skip)
+        if self.worker:  # the training worker's preemptions a second over the window
+            self.preempted_per_s = preempted_since(self.worker_preempted, self.worker) / (
+                time.perf_counter() - self.started)
         # by pid: a Ray worker's title changes with the task it runs (ray::IDLE ->
         # ray::RayTrainWorker...), and a process first seen at the end started in the window
         started = {pid: t for (pid, _), t in self.start_times.items()}
@@ -141,12 +180,13 @@ def run_job(settings: list[str], steps: int, store: Path, run_name: str, sample:
         return [m.value for m in sorted(client.get_metric_history(runs[0].info.run_id, name), key=lambda m: m.step)]
 
     return {"step_s": history("train/step_time_s")[1:], "data_wait_s": history("train/data_wait_s")[1:],
-            "wall_s": wall, "cpu": cpu}
+            "wall_s": wall, "cpu": cpu, "preempted_per_s": getattr(sampler, "preempted_per_s", None)}
 
 
-def plain_loop(model_dir: str, settings: list[str], prepared: Path, steps: int, log_every: int) -> list[float]:
+def plain_loop(model_dir: str, settings: list[str], prepared: Path, steps: int, log_every: int) -> dict:
     """The loop's own functions on the prepared blocks in file order, in this process: each
-    log window's mean step time, the first window dropped (as for the job)."""
+    log window's mean step time, the first window dropped (as for the job), and how often
+    this process's threads were preempted a second over those windows."""
     import pyarrow.parquet as pq
 
     from longtune.config import load_config
@@ -171,12 +211,44 @@ def plain_loop(model_dir: str, settings: list[str], prepared: Path, steps: int, 
     autocast = resolve_precision(config.model, config.train, "cpu").autocast(device)
     model.train()
     windows, start = [], time.perf_counter()
+    measured_from, preempted = 0.0, {}
     for i, block in enumerate(blocks, 1):
         optimizer_step(loss, [block], params, optimizer, scheduler, config, autocast)
         if i % log_every == 0 or i == steps:
             windows.append((time.perf_counter() - start) / (log_every if i % log_every == 0 else i % log_every))
             start = time.perf_counter()
-    return windows[1:]
+            if len(windows) == 1:  # the warm-up window ends: count from here
+                measured_from, preempted = start, preemptions()
+    return {"step_s": windows[1:], "preempted_per_s": preempted_since(preempted) / (time.perf_counter() - measured_from)}
+
+
+def ray_train_loop(model_dir: str, settings: list[str], prepared: Path, steps: int, log_every: int) -> dict:
+    """``plain_loop`` inside a bare TorchTrainer (one worker, the job's CPUs, the local Ray
+    the job would start): Ray Train's processes without Ray Data, longtune's loop or MLflow.
+    Run in a fresh process (``--_ray-train-only``), so that no Ray outlives it."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from longtune.config import load_config
+    from longtune.runtime import init_ray
+
+    config = load_config(None, settings)
+    init_ray(config)
+    out = Path(tempfile.mkdtemp(prefix="longtune-ray-train-")) / "result.json"
+
+    def train_fn():
+        torch.set_num_threads(int(config.scaling.cpus_per_worker))  # as train_loop does
+        out.write_text(json.dumps(plain_loop(model_dir, settings, prepared, steps, log_every)))
+
+    TorchTrainer(train_fn, scaling_config=ScalingConfig(
+        num_workers=1, resources_per_worker={"CPU": config.scaling.cpus_per_worker}),
+        run_config=RunConfig(name=f"ray-train-only-{os.getpid()}", storage_path=str(out.parent))).fit()
+    return json.loads(out.read_text())
+
+
+RUNS = ("plain", "ray_train", "job", "job_dashboard")
+LABELS = {"plain": "plain loop", "ray_train": "bare TorchTrainer", "job": "finetune job",
+          "job_dashboard": "job + dashboard"}
 
 
 def main() -> None:
@@ -186,15 +258,24 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=16, help="optimizer steps per run")
     p.add_argument("--log-every", type=int, default=4)
     p.add_argument("--passes", type=int, default=2)
+    p.add_argument("--ray-train", action="store_true", help="also the plain loop in a bare TorchTrainer")
+    p.add_argument("--dashboard", action="store_true", help="also the job with scaling.local_dashboard=true")
     p.add_argument("--out", default="benchmarks/results/ray_overhead.json")
+    p.add_argument("--_ray-train-only", nargs=3, metavar=("MODEL", "PREPARED", "ATTENTION"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.steps < 2 * args.log_every:
         p.error(f"--steps ({args.steps}) must be at least 2 x --log-every ({args.log_every}): the first window is warm-up")
+    if args._ray_train_only:  # the measurement mode --ray-train runs in a fresh process
+        model_dir, prepared, attention = args._ray_train_only
+        settings = job_settings(model_dir, args.context, attention, args.steps, args.log_every)
+        print(json.dumps(ray_train_loop(model_dir, settings, Path(prepared), args.steps, args.log_every)))
+        return
 
     tmp = Path(tempfile.mkdtemp(prefix="longtune-ray-overhead-"))
     model_dir = save_model(tmp / "model")
     prepared = prepare(model_dir, args.context, tmp / "prepared")
     threads = torch.get_num_threads()
+    runs = [r for r in RUNS if {"ray_train": args.ray_train, "job_dashboard": args.dashboard}.get(r, True)]
     print(f"Ray's overhead: `longtune finetune` (1 worker, {threads} CPUs) vs a plain loop, {args.context} tokens, "
           f"{args.steps} steps, log every {args.log_every}, {args.passes} passes, {threads} threads, "
           f"torch {torch.__version__}", flush=True)
@@ -202,32 +283,57 @@ def main() -> None:
     for attention in args.attention:
         settings = job_settings(model_dir, args.context, attention, args.steps, args.log_every)
         settings.append(f"data.prepared_path={prepared}")
-        ratios, jobs, plains = [], [], []
+        results: dict[str, list[dict]] = {r: [] for r in runs}
         for i in range(args.passes):
-            job = run_job(settings, args.steps, tmp / "mlflow.db", f"{attention}-{i}", sample=i == 0)
-            plain = plain_loop(model_dir, settings, prepared, args.steps, args.log_every)
-            jobs.append(job)
-            plains.append(plain)
-            ratios.append(median(job["step_s"]) / median(plain))
-            print(f"  {attention} pass {i + 1}: job {median(job['step_s']):.3f} s/step, plain "
-                  f"{median(plain):.3f} s/step ({100 * (ratios[-1] - 1):+.1f}%), of the job's step "
-                  f"{median(job['data_wait_s']):.3f} s waiting for data, job wall {job['wall_s']:.0f} s",
-                  flush=True)
-        row = {"attention": attention, "context": args.context, "steps": args.steps, "threads": threads,
-               "job_step_s": median(s for j in jobs for s in j["step_s"]),
-               "plain_step_s": median(s for pl in plains for s in pl),
-               "overhead_pct": 100 * (median(ratios) - 1), "job_wall_s": median(j["wall_s"] for j in jobs),
-               "other_cpu_s": jobs[0]["cpu"]}
+            for run in runs:  # one after the other, so a slower minute of the machine slows them all
+                if run == "plain":
+                    result = plain_loop(model_dir, settings, prepared, args.steps, args.log_every)
+                elif run == "ray_train":
+                    line = subprocess.run(
+                        [sys.executable, __file__, "--context", str(args.context), "--steps", str(args.steps),
+                         "--log-every", str(args.log_every), "--_ray-train-only", model_dir, str(prepared), attention],
+                        cwd=ROOT, check=True, capture_output=True, text=True,
+                        env={**os.environ, "PYTHONWARNINGS": "ignore"}).stdout.strip().splitlines()[-1]
+                    result = json.loads(line)
+                else:
+                    extra = ["scaling.local_dashboard=true"] if run == "job_dashboard" else []
+                    result = run_job(settings + extra, args.steps, tmp / "mlflow.db", f"{attention}-{run}-{i}",
+                                     sample=True)
+                results[run].append(result)
+            plain = median(results["plain"][-1]["step_s"])
+            print(f"  {attention} pass {i + 1}: " + ", ".join(
+                f"{LABELS[r]} {median(results[r][-1]['step_s']):.3f} s/step"
+                + (f" ({100 * (median(results[r][-1]['step_s']) / plain - 1):+.1f}%)" if r != "plain" else "")
+                for r in runs) + f"; the job's step {median(results['job'][-1]['data_wait_s']):.3f} s waiting for "
+                f"data, job wall {results['job'][-1]['wall_s']:.0f} s", flush=True)
+        row = {"attention": attention, "context": args.context, "steps": args.steps, "threads": threads}
+        for run in runs:
+            row[f"{run}_step_s"] = median(s for r in results[run] for s in r["step_s"])
+            rates = [r["preempted_per_s"] for r in results[run] if r.get("preempted_per_s") is not None]
+            row[f"{run}_preempted_per_s"] = median(rates) if rates else None
+            if run != "plain":  # the median of the per-pass ratios
+                row[f"{run}_overhead_pct"] = 100 * (median(
+                    median(r["step_s"]) / median(pl["step_s"]) for r, pl in zip(results[run], results["plain"])) - 1)
+        row["overhead_pct"] = row["job_overhead_pct"]
+        row["job_wall_s"] = median(j["wall_s"] for j in results["job"])
+        row["other_cpu_s"] = results["job"][0]["cpu"]
+        if "job_dashboard" in runs:
+            row["other_cpu_s_dashboard"] = results["job_dashboard"][0]["cpu"]
         rows.append(row)
-    print(f"\n{'attention':9} {'context':>7} {'plain s/step':>12} {'job s/step':>10} {'overhead':>9} {'job wall s':>10}")
+    print(f"\n{'attention':9} {'context':>7} {'run':18} {'s/step':>7} {'overhead':>9} {'preempted/s':>11}")
     for r in rows:
-        print(f"{r['attention']:9} {r['context']:7d} {r['plain_step_s']:12.3f} {r['job_step_s']:10.3f} "
-              f"{r['overhead_pct']:+8.1f}% {r['job_wall_s']:10.0f}")
+        for run in runs:
+            over = f"{r[run + '_overhead_pct']:+8.1f}%" if run != "plain" else f"{'':9}"
+            rate = r[f"{run}_preempted_per_s"]
+            print(f"{r['attention']:9} {r['context']:7d} {LABELS[run]:18} {r[run + '_step_s']:7.3f} {over} "
+                  f"{rate if rate is None else round(rate):>11}")
     for r in rows:
-        top = list(r["other_cpu_s"].items())[:8]
-        if top:
-            print(f"CPU seconds while the {r['attention']} job trained, by process: "
-                  + ", ".join(f"{k} {v:.1f}" for k, v in top))
+        for key, what in (("other_cpu_s", "job"), ("other_cpu_s_dashboard", "job + dashboard")):
+            top = [(k, v) for k, v in r.get(key, {}).items()][:10]
+            if top:
+                total = sum(v for k, v in r[key].items() if not k.startswith("ray::RayTrainWorker"))
+                print(f"CPU seconds while the {r['attention']} {what} trained, by process (all but the worker: "
+                      f"{total:.1f}): " + ", ".join(f"{k} {v:.1f}" for k, v in top))
     print(f"wrote {write_json(args.out, {'rows': rows})}")
 
 

@@ -636,6 +636,11 @@ class ScalingConfig(_Section):
         gt=0,
         description="Logical CPUs of a local Ray; enough for workers plus Ray Data when unset.",
     )
+    local_dashboard: bool = Field(
+        False,
+        description="Start a local Ray with its dashboard (and the state API it serves); off, "
+        "its ten processes do not take a small machine's cores from training (README: Ray's overhead).",
+    )
     sequence_parallel: int = Field(
         1,
         gt=0,

@@ -60,9 +60,9 @@ def quiet_libraries() -> None:
 # What Ray prints that a longtune user cannot act on, dropped by logger and opening words in
 # the driver and in every worker of the job (``--verbose`` keeps them):
 # - Ray Train's detached PlacementGroupCleaner asks the state API whether the controller
-#   lives, and says so at every check (once a second) when it cannot ask. A Ray longtune
-#   starts has the state API (``init_ray``); a cluster it joins may not (``ray start
-#   --include-dashboard=false``, a minimal Ray install).
+#   lives, and says so at every check (once a second) when it cannot ask: in a Ray longtune
+#   starts without scaling.local_dashboard (``init_ray``), in a cluster it joins started
+#   with ``ray start --include-dashboard=false`` or from a minimal Ray install.
 # - Ray Data's notice that progress bars are off (longtune turns them off: ``quiet_env``),
 #   and the line that closes each dataset's progress bar, logged too ("✔️  Dataset
 #   train_... execution finished in 30.08 seconds"); a failed execution's line stays.
@@ -213,10 +213,14 @@ def init_ray(config: Config, *, log_to_driver: bool = True):
         runtime_env=job_runtime_env(local=True),
         log_to_driver=log_to_driver,
         logging_level=level,
-        # the dashboard's process serves the state API (include_dashboard=False starts it
-        # with none of its modules): Ray Train's PlacementGroupCleaner asks it whether the
-        # run's controller lives, to remove the workers' placement group when it died; it
-        # listens on 127.0.0.1, 8265 or the next free port
-        include_dashboard=None,
+        # Off by default: the dashboard is ten processes, each waking ~100 times a second,
+        # and on a machine whose cores all run the worker's torch threads every wake-up
+        # preempts one of them while the other waits at the next barrier (README: Ray's
+        # overhead). What it serves is not needed here: Ray Train's PlacementGroupCleaner asks
+        # its state API whether the run's controller lives, and without it warns (dropped,
+        # _NOISE) and keeps asking; a local Ray ends with its driver, placement groups and
+        # all, and a search frees its trials' groups itself (longtune/tune/cleanup.py). On, it
+        # listens on 127.0.0.1, 8265 or the next free port.
+        include_dashboard=config.scaling.local_dashboard,
     )
     return ray

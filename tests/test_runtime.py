@@ -200,7 +200,7 @@ _LOCAL_RAY = """
 from longtune.config import load_config
 from longtune.runtime import init_ray, quiet_libraries
 quiet_libraries()  # as the CLI does
-ray = init_ray(load_config(None, ["scaling.local_num_cpus=2"]))
+ray = init_ray(load_config(None, ["scaling.local_num_cpus=2", "scaling.local_dashboard=true"]))
 import ray.data
 
 @ray.remote(num_cpus=0)
@@ -223,9 +223,9 @@ ray.shutdown()
 
 
 def test_a_local_ray_serves_the_state_api_and_starts_quietly(tmp_path):
-    """A Ray that longtune starts (here in a fresh home, as on a user's first run, with stdout
-    not a terminal) answers Ray Train's state-API question about its controller (without the
-    dashboard's modules it fails once a second), and the driver shows no Ray start-up INFO,
+    """A Ray that longtune starts with scaling.local_dashboard (here in a fresh home, as on a
+    user's first run, with stdout not a terminal) answers Ray Train's state-API question about
+    its controller (without the dashboard it fails once a second), and the driver shows no Ray start-up INFO,
     no token-authentication notice, no Ray Data progress bar or execution lines."""
     import subprocess
     import sys
@@ -244,8 +244,9 @@ def test_a_local_ray_serves_the_state_api_and_starts_quietly(tmp_path):
     assert [line for line in noise if line in shown] == [], shown
 
 
-@pytest.mark.parametrize("level, ray_level", [(None, "WARNING"), ("info", "INFO")])
-def test_a_local_ray_is_asked_for_its_info_lines_only_when_verbose(level, ray_level, monkeypatch, noise_filters):
+@pytest.mark.parametrize("level, ray_level, dashboard", [(None, "WARNING", None), ("info", "INFO", "true")])
+def test_a_local_ray_is_asked_for_its_info_lines_only_when_verbose(level, ray_level, dashboard, monkeypatch,
+                                                                   noise_filters):
     import logging
 
     import ray
@@ -259,10 +260,11 @@ def test_a_local_ray_is_asked_for_its_info_lines_only_when_verbose(level, ray_le
     started = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: started.append(kwargs))
-    init_ray(load_config(None, []))
+    init_ray(load_config(None, [f"scaling.local_dashboard={dashboard}"] if dashboard else []))
     (kwargs,) = started
     assert kwargs["logging_level"] == getattr(logging, ray_level)
-    assert kwargs["include_dashboard"] is not False  # the state API lives in the dashboard's process
+    # off unless asked for: its processes' wake-ups cost a small machine's training time
+    assert kwargs["include_dashboard"] is (dashboard == "true")
     assert kwargs["runtime_env"]["env_vars"]["LONGTUNE_LOCAL_RAY"] == "1"
     # no preemption watcher in a local Ray (its start logs a core-worker error)
     assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"

@@ -9,8 +9,9 @@ shutting down: its workers' placement group stays reserved. Ray Train then relie
 detached PlacementGroupCleaner (ray-project/ray#58515) that asks the state API (the
 dashboard) whether the controller is alive; on a Ray without a dashboard (a joined cluster
 started with --include-dashboard=false, the tests' Ray) it cannot tell, and the reserved
-CPUs/GPUs would starve the next trials. (A local Ray longtune starts has the dashboard, and its
-workers ask their own cluster's state API: runtime.init_ray, quiet_ray_workers.)
+CPUs/GPUs would starve the next trials. (A local Ray longtune starts has no dashboard unless
+scaling.local_dashboard asks for it; with one, its workers ask their own cluster's state API:
+runtime.init_ray, quiet_ray_workers.)
 
 The workaround: each trial's controller records itself and its placement group with a
 registry actor of the search, and the driver aborts the controller (Ray Train's own graceful

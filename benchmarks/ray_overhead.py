@@ -94,15 +94,6 @@ def preempted_since(before: dict[str, int], pid: int | str = "self") -> int:
     return sum(n - before.get(tid, 0) for tid, n in preemptions(pid).items())
 
 
-def _train_worker_pid() -> int | None:
-    import psutil
-
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        if (p.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker"):
-            return p.info["pid"]
-    return None
-
-
 class CpuSampler:
     """CPU seconds of this user's processes, by name, between start() and stop()."""
 
@@ -130,10 +121,11 @@ class CpuSampler:
         return out
 
     def start(self):
-        self.worker = _train_worker_pid()
+        self.start_times = self._snapshot(self.skip)
+        # the training worker, whose preemptions stop() counts
+        self.worker = next((pid for pid, name in self.start_times if name.startswith("ray::RayTrainWorker")), None)
         self.worker_preempted = preemptions(self.worker) if self.worker else {}
         self.started = time.perf_counter()
-        self.start_times = self._snapshot(self.skip)
 
     def stop(self) -> dict[str, float]:
         self.end_times = self._snapshot(self.skip)
@@ -219,7 +211,8 @@ def plain_loop(model_dir: str, settings: list[str], prepared: Path, steps: int, 
             start = time.perf_counter()
             if len(windows) == 1:  # the warm-up window ends: count from here
                 measured_from, preempted = start, preemptions()
-    return {"step_s": windows[1:], "preempted_per_s": preempted_since(preempted) / (time.perf_counter() - measured_from)}
+    measured_s = time.perf_counter() - measured_from
+    return {"step_s": windows[1:], "preempted_per_s": preempted_since(preempted) / measured_s}
 
 
 def ray_train_loop(model_dir: str, settings: list[str], prepared: Path, steps: int, log_every: int) -> dict:
@@ -329,7 +322,7 @@ def main() -> None:
                   f"{rate if rate is None else round(rate):>11}")
     for r in rows:
         for key, what in (("other_cpu_s", "job"), ("other_cpu_s_dashboard", "job + dashboard")):
-            top = [(k, v) for k, v in r.get(key, {}).items()][:10]
+            top = list(r.get(key, {}).items())[:10]
             if top:
                 total = sum(v for k, v in r[key].items() if not k.startswith("ray::RayTrainWorker"))
                 print(f"CPU seconds while the {r['attention']} {what} trained, by process (all but the worker: "

@@ -225,8 +225,8 @@ ray.shutdown()
 def test_a_local_ray_serves_the_state_api_and_starts_quietly(tmp_path):
     """A Ray that longtune starts with scaling.local_dashboard (here in a fresh home, as on a
     user's first run, with stdout not a terminal) answers Ray Train's state-API question about
-    its controller (without the dashboard it fails once a second), and the driver shows no Ray start-up INFO,
-    no token-authentication notice, no Ray Data progress bar or execution lines."""
+    its controller (without the dashboard it fails once a second), and the driver shows no Ray
+    start-up INFO, no token-authentication notice, no Ray Data progress bar or execution lines."""
     import subprocess
     import sys
 

@@ -20,7 +20,9 @@ minute of the machine slows both; the overhead is the median of the per-pass rat
 Between the two, ``--ray-train`` runs the plain loop inside a bare TorchTrainer (one worker
 with the same CPUs, the blocks read from the parquet files by the worker itself: no Ray Data,
 no longtune loop, no MLflow), which says how much of the job's cost is Ray Train's processes
-alone; ``--dashboard`` adds a job run with scaling.local_dashboard=true, the dashboard's cost.
+alone; ``--dashboard`` adds a job run with scaling.local_dashboard=true, the dashboard's cost;
+``--default-malloc`` one with train.retain_host_memory=false, glibc's own thresholds (the plain
+loop and the bare TorchTrainer follow train.retain_host_memory, as the job's worker does).
 
 While the job trains, the CPU seconds of every other process of the machine's user (the Ray
 head's processes, the driver, the worker's own non-torch threads) are sampled, to say where a
@@ -183,9 +185,12 @@ def plain_loop(model_dir: str, settings: list[str], prepared: Path, steps: int, 
 
     from longtune.config import load_config
     from longtune.precision import resolve_precision
+    from longtune.train.host_memory import retain_freed_memory
     from longtune.train.loop import build_loss, build_model, build_optimizer, optimizer_step
 
     config = load_config(None, settings)
+    if config.train.retain_host_memory:  # as train_loop does
+        retain_freed_memory()
     manifest = json.loads((prepared / "manifest.json").read_text())
     blocks = []
     for f in manifest["splits"]["train"]["files"]:
@@ -239,9 +244,9 @@ def ray_train_loop(model_dir: str, settings: list[str], prepared: Path, steps: i
     return json.loads(out.read_text())
 
 
-RUNS = ("plain", "ray_train", "job", "job_dashboard")
+RUNS = ("plain", "ray_train", "job", "job_dashboard", "job_malloc")
 LABELS = {"plain": "plain loop", "ray_train": "bare TorchTrainer", "job": "finetune job",
-          "job_dashboard": "job + dashboard"}
+          "job_dashboard": "job + dashboard", "job_malloc": "job, glibc defaults"}
 
 
 def main() -> None:
@@ -253,6 +258,8 @@ def main() -> None:
     p.add_argument("--passes", type=int, default=2)
     p.add_argument("--ray-train", action="store_true", help="also the plain loop in a bare TorchTrainer")
     p.add_argument("--dashboard", action="store_true", help="also the job with scaling.local_dashboard=true")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="also the job with train.retain_host_memory=false (glibc's own malloc thresholds)")
     p.add_argument("--out", default="benchmarks/results/ray_overhead.json")
     p.add_argument("--_ray-train-only", nargs=3, metavar=("MODEL", "PREPARED", "ATTENTION"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -268,7 +275,8 @@ def main() -> None:
     model_dir = save_model(tmp / "model")
     prepared = prepare(model_dir, args.context, tmp / "prepared")
     threads = torch.get_num_threads()
-    runs = [r for r in RUNS if {"ray_train": args.ray_train, "job_dashboard": args.dashboard}.get(r, True)]
+    runs = [r for r in RUNS if {"ray_train": args.ray_train, "job_dashboard": args.dashboard,
+                                "job_malloc": args.default_malloc}.get(r, True)]
     print(f"Ray's overhead: `longtune finetune` (1 worker, {threads} CPUs) vs a plain loop, {args.context} tokens, "
           f"{args.steps} steps, log every {args.log_every}, {args.passes} passes, {threads} threads, "
           f"torch {torch.__version__}", flush=True)
@@ -289,7 +297,8 @@ def main() -> None:
                         env={**os.environ, "PYTHONWARNINGS": "ignore"}).stdout.strip().splitlines()[-1]
                     result = json.loads(line)
                 else:
-                    extra = ["scaling.local_dashboard=true"] if run == "job_dashboard" else []
+                    extra = {"job_dashboard": ["scaling.local_dashboard=true"],
+                             "job_malloc": ["train.retain_host_memory=false"]}.get(run, [])
                     result = run_job(settings + extra, args.steps, tmp / "mlflow.db", f"{attention}-{run}-{i}",
                                      sample=True)
                 results[run].append(result)

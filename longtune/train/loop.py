@@ -25,6 +25,7 @@ from longtune.config import Config
 from longtune.distributed import all_reduce_sum, world_size
 from longtune.precision import Precision, resolve_precision, step_optimizer
 from longtune.train.checkpoint import TrainState, read_checkpoint, write_checkpoint
+from longtune.train.host_memory import retain_freed_memory
 from longtune.train.loss import LanguageModelLoss, block_inputs, target_count
 from longtune.train.parallel import ParallelModel, adapted_model, clip_grad_norm_
 from longtune.train.sequence import SequenceGroup, sequence_group
@@ -43,6 +44,8 @@ def train_loop(worker: WorkerConfig) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()  # this worker's own GPU (not always cuda:0), or the CPU
     torch.manual_seed(t.seed)
+    if t.retain_host_memory:
+        retain_freed_memory()  # before the model's first allocation (train/host_memory.py)
     if device.type != "cuda":
         torch.set_num_threads(max(1, worker.threads_per_worker))
 

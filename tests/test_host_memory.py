@@ -1,16 +1,15 @@
 """train.retain_host_memory: glibc's thresholds, set in the training process (train/host_memory.py)."""
 
 import ctypes
-import platform
 import subprocess
 import sys
 
 import pytest
 
 from longtune.config import ConfigError, load_config
+from longtune.train.host_memory import on_glibc
 
-glibc = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                           reason="the thresholds are glibc's")
+glibc = pytest.mark.skipif(not on_glibc(), reason="the thresholds are glibc's")
 
 # a fresh interpreter: mallopt is process-wide, and glibc's thresholds only ever rise in it
 PROBE = """

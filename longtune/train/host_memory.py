@@ -32,11 +32,16 @@ MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 1 << 30
 
 
+def on_glibc() -> bool:
+    """Whether this process's C library is glibc, whose mallopt parameters these are."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def retain_freed_memory() -> bool:
     """Set glibc's mmap threshold to 32 MiB and its trim threshold to 1 GiB for this process
     (which also ends glibc's own adjusting of both). True when glibc took both; False, doing
     nothing, where the C library is not glibc."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not on_glibc():
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)

@@ -5,8 +5,8 @@ in a plain loop in one process.
     python benchmarks/ray_overhead.py --context 2048 --attention s2 --steps 24
 
 The job is started the way a user starts it (``python pipelines/finetune.py KEY=VALUE ...``
-in a subprocess: a local Ray, one TorchTrainer worker holding the machine's threads, Ray Data
-streaming a prepared dataset, MLflow on a SQLite store), on a seed-shaped Llama (hidden 256,
+in a subprocess: a local Ray, one TorchTrainer worker holding the machine's threads and
+reading its share of a prepared dataset itself, MLflow on a SQLite store), on a seed-shaped Llama (hidden 256,
 6 layers, 8 heads, vocab 4096, LoRA+, gradient checkpointing, bf16 autocast where the CPU has
 it) and blocks prepared from the embedded stdlib corpus by `longtune prepare` (documents
 packed, positions restarting at each). Its step time is what it logs to MLflow
@@ -21,7 +21,8 @@ Between the two, ``--ray-train`` runs the plain loop inside a bare TorchTrainer 
 with the same CPUs, the blocks read from the parquet files by the worker itself: no Ray Data,
 no longtune loop, no MLflow), which says how much of the job's cost is Ray Train's processes
 alone; ``--dashboard`` adds a job run with scaling.local_dashboard=true, the dashboard's cost;
-``--default-malloc`` one with train.retain_host_memory=false, glibc's own thresholds (the plain
+``--ray-data`` one with data.prepared_reader=ray_data (Ray Data's streaming split feeds the
+worker, as before that setting); ``--default-malloc`` one with train.retain_host_memory=false, glibc's own thresholds (the plain
 loop and the bare TorchTrainer follow train.retain_host_memory, as the job's worker does).
 
 While the job trains, the CPU seconds of every other process of the machine's user (the Ray
@@ -244,9 +245,10 @@ def ray_train_loop(model_dir: str, settings: list[str], prepared: Path, steps: i
     return json.loads(out.read_text())
 
 
-RUNS = ("plain", "ray_train", "job", "job_dashboard", "job_malloc")
+RUNS = ("plain", "ray_train", "job", "job_ray_data", "job_dashboard", "job_malloc")
 LABELS = {"plain": "plain loop", "ray_train": "bare TorchTrainer", "job": "finetune job",
-          "job_dashboard": "job + dashboard", "job_malloc": "job, glibc defaults"}
+          "job_ray_data": "job, Ray Data reads", "job_dashboard": "job + dashboard",
+          "job_malloc": "job, glibc defaults"}
 
 
 def main() -> None:
@@ -258,6 +260,8 @@ def main() -> None:
     p.add_argument("--passes", type=int, default=2)
     p.add_argument("--ray-train", action="store_true", help="also the plain loop in a bare TorchTrainer")
     p.add_argument("--dashboard", action="store_true", help="also the job with scaling.local_dashboard=true")
+    p.add_argument("--ray-data", action="store_true",
+                   help="also the job with data.prepared_reader=ray_data (Ray Data streams the blocks)")
     p.add_argument("--default-malloc", action="store_true",
                    help="also the job with train.retain_host_memory=false (glibc's own malloc thresholds)")
     p.add_argument("--out", default="benchmarks/results/ray_overhead.json")
@@ -276,7 +280,7 @@ def main() -> None:
     prepared = prepare(model_dir, args.context, tmp / "prepared")
     threads = torch.get_num_threads()
     runs = [r for r in RUNS if {"ray_train": args.ray_train, "job_dashboard": args.dashboard,
-                                "job_malloc": args.default_malloc}.get(r, True)]
+                                "job_malloc": args.default_malloc, "job_ray_data": args.ray_data}.get(r, True)]
     print(f"Ray's overhead: `longtune finetune` (1 worker, {threads} CPUs) vs a plain loop, {args.context} tokens, "
           f"{args.steps} steps, log every {args.log_every}, {args.passes} passes, {threads} threads, "
           f"torch {torch.__version__}", flush=True)
@@ -298,6 +302,7 @@ def main() -> None:
                     result = json.loads(line)
                 else:
                     extra = {"job_dashboard": ["scaling.local_dashboard=true"],
+                             "job_ray_data": ["data.prepared_reader=ray_data"],
                              "job_malloc": ["train.retain_host_memory=false"]}.get(run, [])
                     result = run_job(settings + extra, args.steps, tmp / "mlflow.db", f"{attention}-{run}-{i}",
                                      sample=True)
@@ -319,8 +324,9 @@ def main() -> None:
         row["overhead_pct"] = row["job_overhead_pct"]
         row["job_wall_s"] = median(j["wall_s"] for j in results["job"])
         row["other_cpu_s"] = results["job"][0]["cpu"]
-        if "job_dashboard" in runs:
-            row["other_cpu_s_dashboard"] = results["job_dashboard"][0]["cpu"]
+        for run in ("job_dashboard", "job_ray_data"):
+            if run in runs:
+                row[f"other_cpu_s_{run[4:]}"] = results[run][0]["cpu"]
         rows.append(row)
     print(f"\n{'attention':9} {'context':>7} {'run':18} {'s/step':>7} {'overhead':>9} {'preempted/s':>11}")
     for r in rows:
@@ -330,7 +336,8 @@ def main() -> None:
             print(f"{r['attention']:9} {r['context']:7d} {LABELS[run]:18} {r[run + '_step_s']:7.3f} {over} "
                   f"{rate if rate is None else round(rate):>11}")
     for r in rows:
-        for key, what in (("other_cpu_s", "job"), ("other_cpu_s_dashboard", "job + dashboard")):
+        for key, what in (("other_cpu_s", "job"), ("other_cpu_s_ray_data", "job, Ray Data reads"),
+                          ("other_cpu_s_dashboard", "job + dashboard")):
             top = list(r.get(key, {}).items())[:10]
             if top:
                 total = sum(v for k, v in r[key].items() if not k.startswith("ray::RayTrainWorker"))

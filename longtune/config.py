@@ -246,6 +246,13 @@ class DataConfig(_Section):
         "outputs/prepared/<tokenizer>-<context_length> when unset); when set, training reads "
         "it instead of `sources`.",
     )
+    prepared_reader: Literal["workers", "ray_data"] = Field(
+        "workers",
+        description="How training reads `data.prepared_path`: workers = each worker (each "
+        "sequence-parallel group's leader) reads its own contiguous, equal share of the parquet "
+        "blocks, with no Ray Data actors running beside training; ray_data = Ray Data's "
+        "streaming split. Sources without a prepared dataset always stream through Ray Data.",
+    )
     text_field: str = Field("text", description="Text field of .jsonl/.json/.parquet records.")
     tokenizer: str | None = Field(
         None, description="Tokenizer name or path; the model's own when unset."

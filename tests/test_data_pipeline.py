@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from longtune.config import from_dict
 from longtune.data import DataError, load_prepared, prepare, stream_blocks, vocab_hash
@@ -178,6 +179,21 @@ def test_load_prepared_refuses_another_tokenizer_or_length(prepared, tmp_path):
         load_prepared(str(tmp_path / "half"))
 
 
+@pytest.mark.parametrize("split", ["train", "eval"])
+def test_the_workers_reader_gives_what_ray_data_gives(prepared, split):
+    """data.prepared_reader: workers (longtune/data/shards.py) against Ray Data's reading of
+    the same files: the same batches, tensors, dtypes, in the same order."""
+    cfg, manifest = prepared
+    data = load_prepared(cfg.data.prepared_path)
+    ours = list(data.worker_split(split).whole().iter_torch_batches(batch_size=2, drop_last=True))
+    theirs = list(data.split(split).iter_torch_batches(batch_size=2, drop_last=True))
+    assert len(ours) == len(theirs) == manifest["blocks"][split] // 2 > 0
+    for a, b in zip(ours, theirs):
+        assert a.keys() == b.keys()
+        for name in a:
+            assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name])
+
+
 def test_stream_blocks_feeds_training_without_writing(corpus, tiny_tokenizer_path, tmp_path, prepared):
     root, _ = corpus
     _, manifest = prepared
@@ -227,6 +243,7 @@ def test_object_store_layout_writes_the_manifest_last_and_drops_stale_files(corp
     listed = sorted(f for s in second["splits"].values() for f in s["files"])
     assert files == listed and set(listed).isdisjoint(f for s in first["splits"].values() for f in s["files"])
     assert load_prepared(uri).split("train").count() == second["blocks"]["train"]
+    assert load_prepared(uri).worker_split("train").total == second["blocks"]["train"]
 
 
 @pytest.mark.slow

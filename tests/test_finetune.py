@@ -186,20 +186,28 @@ def test_fsdp_trains_like_ddp_resumes_from_its_shards_and_survives_a_killed_work
     loss and the adapter within 1e-5, an adapter plain PEFT loads with longtune's logits. A run
     stopped at its step-3 checkpoint, relaunched, and then losing a worker after step 5 (Ray
     Train restarts the workers from the shards of step 3) ends equal to the uninterrupted run:
-    the losses of steps 4-6, the adapter, and the AdamW state in the shards."""
+    the losses of steps 4-6, the adapter, and the AdamW state in the shards. The blocks come
+    from a `longtune prepare` dataset that the workers read themselves (data.prepared_reader:
+    workers): the resume skips exactly the blocks trained on before."""
     from peft import PeftModel
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     from transformers import AutoModelForCausalLM
 
     from longtune.adapters import load_adapter
+    from longtune.data.pipeline import prepare
     from longtune.finetune import finetune
     from longtune.models import load_model
     from longtune.train.probes import KillOnce
 
+    prepared = f"data.prepared_path={tmp_path / 'prepared'}"
+    prepare(run_config(prepared))
+
     def run(name, strategy, steps, *extra, probes=()):
         config = run_config(f"train.max_steps={steps}", f"train.run_name={name}", f"train.strategy={strategy}",
-                            "train.precision=fp32", "train.log_every=1", "train.checkpoint_every=3", *extra)
+                            "train.precision=fp32", "train.log_every=1", "train.checkpoint_every=3", prepared,
+                            *extra)
+        assert config.data.prepared_reader == "workers"
         return config, finetune(config, probes=probes)
 
     _, ddp = run("ddp", "ddp", 6)

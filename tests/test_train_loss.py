@@ -151,11 +151,12 @@ def test_one_chunk_is_the_stock_computation():
 def test_the_loops_eval_blocks_score_with_the_chunked_loss():
     from longtune.config import Config
     from longtune.train.loop import _EvalBlocks
+    from longtune.train.worker_config import WorkerConfig
 
     model = adapted("llama")
     ids, positions, _ = packed_batch()
     blocks = [{"input_ids": ids[i:i + 1], "position_ids": positions[i:i + 1]} for i in range(2)]
-    evaluator = _EvalBlocks(Config(), torch.device("cpu"))
+    evaluator = _EvalBlocks(WorkerConfig(config=Config(), model_path="unused", has_eval=True), torch.device("cpu"))
     evaluator.blocks = blocks
     rows = []
     handle = model.get_base_model().lm_head.register_forward_hook(

@@ -203,12 +203,22 @@ def test_best_config_yaml_trains(search, tmp_path):
 @pytest.mark.slow
 def test_optuna_search_runs_an_fsdp_trial(ray_local, tmp_path, tiny_model_dir, corpus_dir):
     """An Optuna search whose trial trains with train.strategy=fsdp (its one worker's model
-    sharded over a mesh of one): the trial completes, its checkpoint is the sharded kind."""
+    sharded over a mesh of one): the trial completes, its checkpoint is the sharded kind. Its
+    blocks come from a `longtune prepare` dataset its worker reads itself (the first ones a
+    trial needs: tune/data.py), without Ray Data."""
     pytest.importorskip("optuna")
+    from longtune.data.pipeline import prepare
     from longtune.tune import tune
+    from longtune.tune.data import prepare_search_data
 
+    prepared = f"data.prepared_path={tmp_path / 'prepared'}"
     config = tune_config(tmp_path, tiny_model_dir, corpus_dir, "tune.name=optuna", "tune.search_alg=optuna",
-                         "tune.num_samples=1", "tune.max_steps=2", "tune.grace_period=2", "train.strategy=fsdp")
+                         "tune.num_samples=1", "tune.max_steps=2", "tune.grace_period=2", "train.strategy=fsdp",
+                         prepared)
+    manifest = prepare(config)
+    datasets, with_eval = prepare_search_data(config)
+    assert with_eval and datasets["train"].total == 2 < manifest["blocks"]["train"]  # 2 steps x 1 block
+    assert datasets["eval"].total == 2  # eval.loss_blocks
     result = tune(config)
     assert result.finished and [r.outcome for r in result.rows] == ["completed"]
     assert Path(result.files["best_config.yaml"]).is_file()

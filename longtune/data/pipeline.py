@@ -220,14 +220,23 @@ class PreparedData:
     path: str
     manifest: dict[str, Any]
 
-    def split(self, name: str = "train"):
+    def files(self, name: str = "train") -> list[str]:
         files = self.manifest["splits"].get(name, {}).get("files", [])
         if not files:
             raise DataError(f"{self.path} has no {name} blocks")
+        return files
+
+    def split(self, name: str = "train"):
         root = self.path.rstrip("/")
-        ds = ray.data.read_parquet([f"{root}/{f}" for f in files])
+        ds = ray.data.read_parquet([f"{root}/{f}" for f in self.files(name)])
         ds.context.execution_options.preserve_order = True
         return ds
+
+    def worker_split(self, name: str = "train"):
+        """The split as the workers read it themselves (longtune/data/shards.py)."""
+        from longtune.data.shards import open_split
+
+        return open_split(self.path, self.files(name))
 
 
 def load_prepared(
@@ -245,7 +254,9 @@ def load_prepared(
 
 def open_blocks(config: Config, split: str = "train"):
     """Training's one call for data: the prepared dataset in ``data.prepared_path``
-    (checked against this job's tokenizer and context length), else ``stream_blocks``."""
+    (checked against this job's tokenizer and context length) -- with
+    ``data.prepared_reader: workers`` a ``PreparedSplit`` the workers read themselves, else a
+    Ray dataset of it -- or, without one, ``stream_blocks``."""
     if config.data.prepared_path:
         tokenizer = load_tokenizer(config)
         prepared = load_prepared(
@@ -253,6 +264,8 @@ def open_blocks(config: Config, split: str = "train"):
             expect_tokenizer_hash=vocab_hash(tokenizer),
             expect_context_length=config.context_length,
         )
+        if config.data.prepared_reader == "workers":
+            return prepared.worker_split(split)
         return prepared.split(split)
     return stream_blocks(config, split)
 

@@ -73,14 +73,15 @@ def train_loop(worker: WorkerConfig) -> None:
     sequence = sequence_group(config.scaling.sequence_parallel, device)
     p = config.scaling.sequence_parallel
     tokens_per_step = world // p * t.grad_accum_steps * t.batch_size_per_worker * config.context_length
-    shard = ray.train.get_dataset_shard("train")  # every rank: a barrier of Ray Train's
+    # every rank asks: on Ray Data's path the first ask is a barrier of Ray Train's
+    shard = dataset_shard(worker, "train", rank // p, world // p)
     batches = _batches(shard, t.batch_size_per_worker, state, device) \
         if sequence is None or sequence.is_leader else None
     if sequence is not None:
         batches = sequence.shared(batches, t.batch_size_per_worker, config.context_length)
     # FSDP: every rank runs every forward (the weights are gathered from all of them)
     evaluates = worker.has_eval and (rank == 0 or par.sharded)
-    eval_blocks = _EvalBlocks(config, device, rank if par.sharded else 0, world if par.sharded else 1) \
+    eval_blocks = _EvalBlocks(worker, device, rank if par.sharded else 0, world if par.sharded else 1) \
         if evaluates else None
     tracker = _metrics_logger(worker) if rank == 0 else None
     autocast = precision.autocast(device)
@@ -324,6 +325,18 @@ def _loss_module(model, config: Config):
     return build_loss(config, model)
 
 
+def dataset_shard(worker: WorkerConfig, name: str, index: int, count: int):
+    """This worker's share of dataset ``name``: the ``index``-th of ``count`` equal shards of a
+    prepared split it reads itself ("eval": ``count`` 1, whole), else what Ray Train's
+    DataConfig handed it (train/ingest.py; its split already follows sequence parallelism)."""
+    prepared = worker.prepared.get(name)
+    if prepared is not None:
+        return prepared.shard(index, count)
+    import ray.train
+
+    return ray.train.get_dataset_shard(name)
+
+
 def _batches(shard, batch_size: int, state: TrainState, device) -> Iterator[dict[str, torch.Tensor]]:
     """Endless micro-batches of this worker's shard, epoch after epoch, starting where
     ``state`` says (the batches of the current epoch already consumed are skipped). The
@@ -356,16 +369,15 @@ class _EvalBlocks:
     added over the ranks; a rank with one block fewer runs one forward more on a block it
     does not count, since every forward gathers weights from every rank."""
 
-    def __init__(self, config: Config, device, rank: int = 0, world: int = 1) -> None:
-        self.limit = config.eval.loss_blocks
+    def __init__(self, worker: WorkerConfig, device, rank: int = 0, world: int = 1) -> None:
+        self.worker = worker
+        self.limit = worker.config.eval.loss_blocks
         self.device = device
         self.rank, self.world = rank, world
         self.blocks: list[dict[str, torch.Tensor]] | None = None
 
     def _load(self) -> list[dict[str, torch.Tensor]]:
-        import ray.train
-
-        shard = ray.train.get_dataset_shard("eval")
+        shard = dataset_shard(self.worker, "eval", 0, 1)
         blocks = []
         for batch in shard.iter_torch_batches(batch_size=1, device=self.device):
             blocks.append(batch)

@@ -57,8 +57,9 @@ def setup_driver(config: Config) -> DriverSetup:
 
 
 def open_datasets(config: Config) -> tuple[dict[str, Any], bool]:
-    """The run's Ray datasets ("train", and "eval" when held-out blocks are scored) and
-    whether there is an eval set."""
+    """The run's datasets ("train", and "eval" when held-out blocks are scored) and whether
+    there is an eval set: Ray datasets, or the prepared splits the workers read themselves
+    (``data.prepared_reader: workers``, longtune/data/shards.py)."""
     from longtune.data.pipeline import open_blocks
 
     datasets = {"train": open_blocks(config, "train")}
@@ -90,8 +91,12 @@ def build_trainer(
     from longtune.train.loop import train_loop
     from longtune.train.worker_config import WorkerConfig
 
+    from longtune.data.shards import PreparedSplit
+
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # also in Tune's trial actors
     s, t = config.scaling, config.train
+    prepared = {k: v for k, v in datasets.items() if isinstance(v, PreparedSplit)}
+    ray_datasets = {k: v for k, v in datasets.items() if k not in prepared}
     worker = WorkerConfig(
         config=config,
         model_path=setup.model_path,
@@ -100,6 +105,7 @@ def build_trainer(
         tracking=tracker.cfg if tracker else None,
         run_id=tracker.run_id if tracker else None,
         probes=tuple(probes),
+        prepared=prepared,
     )
     return TorchTrainer(
         train_loop,
@@ -115,7 +121,7 @@ def build_trainer(
             callbacks=callbacks,
             **train_logging(),
         ),
-        datasets=datasets,
+        datasets=ray_datasets or None,
         dataset_config=ingest_config(s.sequence_parallel),
     )
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from longtune.config import Config, TrackingConfig
+from longtune.data.shards import PreparedSplit
 from longtune.train.probes import StepProbe
 
 
@@ -17,3 +18,6 @@ class WorkerConfig:
     tracking: TrackingConfig | None = None  # the driver's resolved MLflow store; None = no tracking
     run_id: str | None = None  # the MLflow run rank 0 logs to (the driver starts and ends it)
     probes: tuple[StepProbe, ...] = ()  # called after every optimizer step (tests, debugging)
+    # datasets the workers read themselves (data.prepared_reader: workers), by name; the
+    # others come through Ray Train's get_dataset_shard
+    prepared: dict[str, PreparedSplit] = field(default_factory=dict)

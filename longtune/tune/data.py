@@ -1,5 +1,6 @@
 """The blocks every trial of a search reads: prepared once, before the first trial, and kept
-in Ray's object store."""
+in Ray's object store (or, from a prepared dataset the workers read themselves, its first
+files' rows)."""
 
 from __future__ import annotations
 
@@ -24,10 +25,17 @@ def prepare_search_data(config: Config) -> tuple[dict[str, Any], bool]:
     cap = max(n_train, config.eval.loss_blocks) * config.context_length
     data_config = with_overrides(config, {"data.pack_batch_tokens": min(config.data.pack_batch_tokens, cap)})
     datasets, with_eval = open_datasets(data_config)
-    datasets["train"] = datasets["train"].limit(n_train).materialize()
+    datasets["train"] = _first(datasets["train"], n_train)
     if with_eval:
-        datasets["eval"] = datasets["eval"].limit(config.eval.loss_blocks).materialize()
+        datasets["eval"] = _first(datasets["eval"], config.eval.loss_blocks)
     return datasets, with_eval
+
+
+def _first(dataset, rows: int):
+    """A Ray dataset's first ``rows`` blocks, materialized in the object store; a prepared
+    split the workers read themselves (data.prepared_reader: workers), cut to as many."""
+    limited = dataset.limit(rows)
+    return limited.materialize() if hasattr(limited, "materialize") else limited
 
 
 def _largest(space: dict[str, Any], key: str, default: int) -> int:

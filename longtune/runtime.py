@@ -182,13 +182,17 @@ def use_gpu(config: Config, ray) -> bool:
     return bool(config.scaling.use_gpu)
 
 
-def init_ray(config: Config, *, log_to_driver: bool = True):
+def init_ray(config: Config, *, log_to_driver: bool = True, idle_workers: bool = True):
     """Join the cluster named by scaling.ray_address or $RAY_ADDRESS (`ray job submit` sets
     it; `RAY_ADDRESS=auto` joins a `ray start` cluster on this machine), else start a local
     Ray sized by ``local_cpus_needed``. Never joins an unnamed cluster: Ray cannot tell a
     `ray start` head from another program's `ray.init()`, whose workers may run other code.
     Ray's INFO lines in the driver, Ray Data's progress bars and the messages in
-    ``_NOISE`` are left out unless ``LONGTUNE_LOG_LEVEL`` asks for them. Returns the ray module."""
+    ``_NOISE`` are left out unless ``LONGTUNE_LOG_LEVEL`` asks for them. ``idle_workers=False``:
+    a local Ray keeps no idle worker processes for tasks to come (each wakes ~100 times a
+    second and takes ~1% of a core; a job whose workers read their data themselves runs no
+    task while it trains, README: Ray's overhead); a task then starts its own. Returns the ray
+    module."""
     import ray
 
     quiet_ray_data()
@@ -222,5 +226,6 @@ def init_ray(config: Config, *, log_to_driver: bool = True):
         # all, and a search frees its trials' groups itself (longtune/tune/cleanup.py). On, it
         # listens on 127.0.0.1, 8265 or the next free port.
         include_dashboard=config.scaling.local_dashboard,
+        _system_config=None if idle_workers else {"num_workers_soft_limit": 0},
     )
     return ray

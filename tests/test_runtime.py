@@ -314,3 +314,45 @@ def test_the_ingest_options_are_the_data_contexts_without_rays_deprecation_warni
         options = ingest_config(2)._user_execution_options
     assert options.preserve_order is True
     assert (options.resource_limits, options.exclude_resources) == (context.resource_limits, context.exclude_resources)
+
+
+_IDLE_WORKERS = """
+import sys, time
+import psutil
+from longtune.config import load_config
+from longtune.runtime import init_ray
+ray = init_ray(load_config(None, ["scaling.local_num_cpus=2"]), idle_workers=sys.argv[1] == "keep")
+
+@ray.remote
+def one():
+    return 1
+
+print("task:", ray.get(one.remote()), flush=True)
+def idle():
+    return sum(1 for p in psutil.Process().children(recursive=True)
+               if p.is_running() and p.name().startswith("ray::IDLE"))
+deadline, counts = time.time() + 20, []
+while time.time() < deadline:  # Ray kills an idle worker over its limit after 1 s
+    counts.append(idle())
+    time.sleep(0.5)
+print("idle at the end:", counts[-1], "most:", max(counts), flush=True)
+ray.shutdown()
+"""
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_a_local_ray_keeps_no_idle_workers_when_asked(keep, tmp_path):
+    """init_ray(idle_workers=False), as a job whose workers read their own data starts it:
+    the worker processes Ray keeps warm for tasks are gone after their idle second, and a task
+    still runs (on a worker started for it)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LONGTUNE_LOG_LEVEL", "RAY_"))}
+    done = subprocess.run([sys.executable, "-c", _IDLE_WORKERS, "keep" if keep else "drop"], capture_output=True,
+                          text=True, env=env, timeout=300, cwd=tmp_path)
+    shown = done.stdout + done.stderr
+    assert done.returncode == 0, shown
+    assert "task: 1" in shown
+    idle_at_end = int(shown.split("idle at the end: ")[1].split()[0])
+    assert (idle_at_end > 0) is keep, shown

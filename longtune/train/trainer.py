@@ -50,10 +50,16 @@ def setup_driver(config: Config) -> DriverSetup:
     conflict = fsdp_model_conflict(config, path)
     if conflict:  # before Ray: the run cannot start as configured
         raise TrainingSetupError(conflict)
-    ray = init_ray(config)
+    ray = init_ray(config, idle_workers=tasks_while_training(config))
     use_gpu = use_gpu_for(config, ray)
     _check_resources(config, ray, use_gpu)
     return DriverSetup(path, ray, use_gpu, _storage_path(config.train.storage_path, ray))
+
+
+def tasks_while_training(config: Config) -> bool:
+    """Whether Ray runs tasks while the run trains: Ray Data's, unless the workers read a
+    prepared dataset themselves (data.prepared_reader: workers)."""
+    return not (config.data.prepared_path and config.data.prepared_reader == "workers")
 
 
 def open_datasets(config: Config) -> tuple[dict[str, Any], bool]:

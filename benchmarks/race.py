@@ -15,7 +15,7 @@ slows all of them alike):
   positions restarting at each document), the same PEFT adapter, SDPA, bf16, checkpointing.
 - ``full`` and ``s2``: the ``longtune finetune`` job as a user starts it (``python
   pipelines/finetune.py``: a local Ray, one TorchTrainer worker holding the machine's threads,
-  Ray Data streaming the blocks ``longtune prepare`` packed from the same corpus, positions
+  the worker reading its share of the blocks ``longtune prepare`` packed from the same corpus, positions
   restarting at each document, MLflow on a SQLite store), with full attention and S2-Attn.
 
 The model is a random seed-shaped Llama (hidden 256, 6 layers, 8 heads, vocab 4096 = the seed

@@ -340,7 +340,8 @@ def dataset_shard(worker: WorkerConfig, name: str, index: int, count: int):
 def _batches(shard, batch_size: int, state: TrainState, device) -> Iterator[dict[str, torch.Tensor]]:
     """Endless micro-batches of this worker's shard, epoch after epoch, starting where
     ``state`` says (the batches of the current epoch already consumed are skipped). The
-    shard's order is the same on every run (build_trainer's DataConfig preserves it), so
+    shard's order is the same on every run (a prepared split's rows in file order; Ray
+    Data's, because build_trainer's DataConfig preserves it), so
     the skipped batches are exactly the ones trained on before the checkpoint."""
     while True:
         skip = state.batches_in_epoch

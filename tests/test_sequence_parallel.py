@@ -299,19 +299,25 @@ def test_finetune_with_two_workers_sharing_each_sequence(ray_local, tmp_path, ti
     the loss of each of the first 5 steps equals one worker's on the same blocks within 1e-5
     relative, with a worker killed after step 4 (Ray Train restarts both from the step-2
     checkpoint); rank 1 trains on the blocks rank 0 reads; the adapter equals the one
-    worker's and loads with plain PEFT."""
+    worker's and loads with plain PEFT. The blocks come from a `longtune prepare` dataset the
+    group's leader reads itself (data.prepared_reader: workers)."""
     from mlflow import MlflowClient
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
+    from longtune.data.pipeline import prepare
     from longtune.finetune import finetune
     from longtune.models import load_model
     from longtune.train.probes import KillOnce, RecordBlocks, read_records
 
+    prepared = f"data.prepared_path={tmp_path / 'prepared'}"
+    prepare(run_config(prepared))
+
     def run(name, *extra, probes=()):
         config = run_config("train.max_steps=5", f"train.run_name={name}", "train.precision=fp32",
-                            "train.log_every=1", "train.checkpoint_every=2", *extra)
+                            "train.log_every=1", "train.checkpoint_every=2", prepared, *extra)
+        assert config.data.prepared_reader == "workers"
         return config, finetune(config, probes=probes)
 
     _, single = run("single", "scaling.num_workers=1", probes=(RecordBlocks(str(tmp_path / "single_blocks")),))

@@ -22,7 +22,8 @@ with the same CPUs, the blocks read from the parquet files by the worker itself:
 no longtune loop, no MLflow), which says how much of the job's cost is Ray Train's processes
 alone; ``--dashboard`` adds a job run with scaling.local_dashboard=true, the dashboard's cost;
 ``--ray-data`` one with data.prepared_reader=ray_data (Ray Data's streaming split feeds the
-worker, as before that setting); ``--default-malloc`` one with train.retain_host_memory=false, glibc's own thresholds (the plain
+worker, as before that setting); ``--normal-priority`` one with
+scaling.local_ray_idle_priority=false (Ray's own processes at normal CPU priority); ``--default-malloc`` one with train.retain_host_memory=false, glibc's own thresholds (the plain
 loop and the bare TorchTrainer follow train.retain_host_memory, as the job's worker does).
 
 While the job trains, the CPU seconds of every other process of the machine's user (the Ray
@@ -245,9 +246,9 @@ def ray_train_loop(model_dir: str, settings: list[str], prepared: Path, steps: i
     return json.loads(out.read_text())
 
 
-RUNS = ("plain", "ray_train", "job", "job_ray_data", "job_dashboard", "job_malloc")
+RUNS = ("plain", "ray_train", "job", "job_normal_priority", "job_ray_data", "job_dashboard", "job_malloc")
 LABELS = {"plain": "plain loop", "ray_train": "bare TorchTrainer", "job": "finetune job",
-          "job_ray_data": "job, Ray Data reads", "job_dashboard": "job + dashboard",
+          "job_normal_priority": "job, Ray at normal priority", "job_ray_data": "job, Ray Data reads", "job_dashboard": "job + dashboard",
           "job_malloc": "job, glibc defaults"}
 
 
@@ -262,6 +263,8 @@ def main() -> None:
     p.add_argument("--dashboard", action="store_true", help="also the job with scaling.local_dashboard=true")
     p.add_argument("--ray-data", action="store_true",
                    help="also the job with data.prepared_reader=ray_data (Ray Data streams the blocks)")
+    p.add_argument("--normal-priority", action="store_true",
+                   help="also the job with scaling.local_ray_idle_priority=false (Ray's processes compete)")
     p.add_argument("--default-malloc", action="store_true",
                    help="also the job with train.retain_host_memory=false (glibc's own malloc thresholds)")
     p.add_argument("--out", default="benchmarks/results/ray_overhead.json")
@@ -280,7 +283,8 @@ def main() -> None:
     prepared = prepare(model_dir, args.context, tmp / "prepared")
     threads = torch.get_num_threads()
     runs = [r for r in RUNS if {"ray_train": args.ray_train, "job_dashboard": args.dashboard,
-                                "job_malloc": args.default_malloc, "job_ray_data": args.ray_data}.get(r, True)]
+                                "job_malloc": args.default_malloc, "job_ray_data": args.ray_data,
+                                "job_normal_priority": args.normal_priority}.get(r, True)]
     print(f"Ray's overhead: `longtune finetune` (1 worker, {threads} CPUs) vs a plain loop, {args.context} tokens, "
           f"{args.steps} steps, log every {args.log_every}, {args.passes} passes, {threads} threads, "
           f"torch {torch.__version__}", flush=True)
@@ -303,6 +307,7 @@ def main() -> None:
                 else:
                     extra = {"job_dashboard": ["scaling.local_dashboard=true"],
                              "job_ray_data": ["data.prepared_reader=ray_data"],
+                             "job_normal_priority": ["scaling.local_ray_idle_priority=false"],
                              "job_malloc": ["train.retain_host_memory=false"]}.get(run, [])
                     result = run_job(settings + extra, args.steps, tmp / "mlflow.db", f"{attention}-{run}-{i}",
                                      sample=True)
@@ -324,20 +329,21 @@ def main() -> None:
         row["overhead_pct"] = row["job_overhead_pct"]
         row["job_wall_s"] = median(j["wall_s"] for j in results["job"])
         row["other_cpu_s"] = results["job"][0]["cpu"]
-        for run in ("job_dashboard", "job_ray_data"):
+        for run in ("job_dashboard", "job_ray_data", "job_normal_priority"):
             if run in runs:
                 row[f"other_cpu_s_{run[4:]}"] = results[run][0]["cpu"]
         rows.append(row)
-    print(f"\n{'attention':9} {'context':>7} {'run':18} {'s/step':>7} {'overhead':>9} {'preempted/s':>11}")
+    print(f"\n{'attention':9} {'context':>7} {'run':28} {'s/step':>7} {'overhead':>9} {'preempted/s':>11}")
     for r in rows:
         for run in runs:
             over = f"{r[run + '_overhead_pct']:+8.1f}%" if run != "plain" else f"{'':9}"
             rate = r[f"{run}_preempted_per_s"]
-            print(f"{r['attention']:9} {r['context']:7d} {LABELS[run]:18} {r[run + '_step_s']:7.3f} {over} "
+            print(f"{r['attention']:9} {r['context']:7d} {LABELS[run]:28} {r[run + '_step_s']:7.3f} {over} "
                   f"{rate if rate is None else round(rate):>11}")
     for r in rows:
         for key, what in (("other_cpu_s", "job"), ("other_cpu_s_ray_data", "job, Ray Data reads"),
-                          ("other_cpu_s_dashboard", "job + dashboard")):
+                          ("other_cpu_s_dashboard", "job + dashboard"),
+                          ("other_cpu_s_normal_priority", "job, Ray at normal priority")):
             top = list(r.get(key, {}).items())[:10]
             if top:
                 total = sum(v for k, v in r[key].items() if not k.startswith("ray::RayTrainWorker"))

@@ -655,6 +655,13 @@ class ScalingConfig(_Section):
         description="Start a local Ray with its dashboard (and the state API it serves); off, "
         "its ten processes do not take a small machine's cores from training (README: Ray's overhead).",
     )
+    local_ray_idle_priority: bool = Field(
+        True,
+        description="A local Ray this job starts runs its workers at nice 0 (Ray's default: 15) "
+        "and, while CPU workers train, its own processes (GCS, raylet, driver and controller "
+        "threads) at idle CPU priority (Linux SCHED_IDLE): they no longer preempt the workers' "
+        "torch threads (README: Ray's overhead). A cluster's processes are left as they are.",
+    )
     sequence_parallel: int = Field(
         1,
         gt=0,

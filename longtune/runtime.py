@@ -182,6 +182,21 @@ def use_gpu(config: Config, ray) -> bool:
     return bool(config.scaling.use_gpu)
 
 
+def local_system_config(config: Config, idle_workers: bool = True) -> dict:
+    """The _system_config of a local Ray longtune starts. Ray starts its worker processes at
+    nice 15, below its own raylet and GCS, so that a cluster node's daemons stay responsive;
+    on a machine whose cores the training workers fill, that hands every slice a nice-0
+    process wants to it at once, and a step loses ~20% to processes taking 0.06 of a core
+    (README: Ray's overhead). With scaling.local_ray_idle_priority the workers run at nice 0
+    and Ray's own processes yield instead (train/background.py)."""
+    system = {}
+    if config.scaling.local_ray_idle_priority:
+        system["worker_niceness"] = 0
+    if not idle_workers:
+        system["num_workers_soft_limit"] = 0
+    return system
+
+
 def init_ray(config: Config, *, log_to_driver: bool = True, idle_workers: bool = True):
     """Join the cluster named by scaling.ray_address or $RAY_ADDRESS (`ray job submit` sets
     it; `RAY_ADDRESS=auto` joins a `ray start` cluster on this machine), else start a local
@@ -226,6 +241,6 @@ def init_ray(config: Config, *, log_to_driver: bool = True, idle_workers: bool =
         # all, and a search frees its trials' groups itself (longtune/tune/cleanup.py). On, it
         # listens on 127.0.0.1, 8265 or the next free port.
         include_dashboard=config.scaling.local_dashboard,
-        _system_config=None if idle_workers else {"num_workers_soft_limit": 0},
+        _system_config=local_system_config(config, idle_workers) or None,
     )
     return ray

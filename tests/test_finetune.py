@@ -4,6 +4,7 @@ a real SQLite MLflow store."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -74,7 +75,8 @@ def test_a_run_checkpoints_tracks_resumes_exactly_and_survives_a_killed_worker(r
 
     from longtune.finetune import finetune
     from longtune.tracking import read_table
-    from longtune.train.probes import KillOnce, RecordBlocks, read_records
+    from longtune.train import background
+    from longtune.train.probes import KillOnce, RecordBlocks, RecordSchedulers, read_records
 
     def launch(name, steps, *extra, probes=()):
         # small packing batches: many bundles from parallel tasks, finishing in any order
@@ -129,8 +131,23 @@ def test_a_run_checkpoints_tracks_resumes_exactly_and_survives_a_killed_worker(r
 
     # ------------------------------------------------ 2. relaunched to 8 steps, a worker killed after step 7
     marker = tmp_path / "killed"
-    _, resumed = launch("resumed", 8, "train.max_failures=1", probes=(KillOnce(step=7, rank=1, marker=str(marker)),))
+    schedulers = tmp_path / "schedulers"
+    _, resumed = launch("resumed", 8, "train.max_failures=1", probes=(
+        KillOnce(step=7, rank=1, marker=str(marker)), RecordSchedulers(str(schedulers), os.getpid())))
     assert marker.read_text() == "7"  # the worker really died at step 7
+    # scaling.local_ray_idle_priority: while the workers train, the local Ray's own processes
+    # run at idle priority and the workers at normal priority, the restarted workers too
+    # (forked by the lowered raylet, they take normal priority back: this test runs as root)
+    policies = read_records(schedulers, field=None)
+    assert sorted(policies) == [0, 1] and sorted(policies[0]) == [5, 6, 7, 8]
+    for rank, steps in policies.items():
+        for step, record in steps.items():
+            # the thread that trains (and its torch threads) normal; the worker's Ray threads idle
+            assert record["training_thread"] == "other", (rank, step, record)
+            assert record["worker"] == ["idle", "other"], (rank, step, record)
+            assert record["ray"]["gcs_server"] == ["idle"], (rank, step, record)
+            if background.may_raise_priority():
+                assert record["ray"]["raylet"] == ["idle"], (rank, step, record)
     assert resumed.metrics["step"] == 8
     client, second = mlflow_run(tmp_path, resumed.mlflow_run_id)
     assert second.info.status == "FINISHED"

@@ -48,6 +48,8 @@ def train_loop(worker: WorkerConfig) -> None:
         retain_freed_memory()  # before the model's first allocation (train/host_memory.py)
     if device.type != "cuda":
         torch.set_num_threads(max(1, worker.threads_per_worker))
+    if worker.local_ray_driver is not None and device.type == "cpu":  # measured there, gloo
+        _yield_local_ray(worker.local_ray_driver, ctx.get_local_rank(), rank)
 
     # ---------------------------------------------------------------- model, optimizer
     precision = resolve_precision(config.model, t, device.type)
@@ -177,6 +179,33 @@ def _tracked(metrics: dict[str, Any]) -> dict[str, Any]:
     """What MLflow gets of a report: not the step (MLflow's own x axis), and the epoch only
     once the data has been read through (until then a constant 0 chart)."""
     return {k: v for k, v in metrics.items() if k != "step" and not (k == "epoch" and v == 0)}
+
+
+def _yield_local_ray(driver_pid: int, local_rank: int, rank: int) -> None:
+    """Every worker takes back normal priority if it inherited idle priority from a lowered
+    raylet (a restarted worker) and moves its own Ray threads to idle priority; the first
+    worker then moves the local Ray's own processes, all but the training workers, there
+    too (train/background.py)."""
+    import os
+
+    from longtune.runtime import verbose
+    from longtune.train import background
+
+    if not background.restore_own_priority():
+        print(f"[longtune] worker {rank} runs at idle CPU priority, inherited from the local Ray's "
+              "raylet, and may not raise it (needs root or CAP_SYS_NICE): it yields to every other "
+              "process on this machine; set scaling.local_ray_idle_priority=false to avoid it")
+    workers = [os.getpid()]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        workers = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(workers, os.getpid())
+    own = background.lower_own_ray_threads()
+    if local_rank == 0:
+        lowered = background.lower_local_ray(driver_pid, workers)
+        if verbose():
+            print(f"[longtune] the local Ray's own processes at idle CPU priority: {lowered.threads} threads "
+                  f"of {', '.join(sorted(set(lowered.processes))) or 'none'}, and {own} of the worker's"
+                  + ("; raylet kept (no privilege to restore the workers it forks)" if lowered.kept_raylet else ""))
 
 
 def _quiet_report_log() -> None:

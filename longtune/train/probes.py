@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -60,13 +61,67 @@ class KillOnce:
             os._exit(1)
 
 
-def read_records(directory: str | os.PathLike[str]) -> dict[int, dict[int, list[str]]]:
-    """``RecordBlocks``' files as {rank: {step: blocks}}, the last record of each step winning."""
+def read_records(directory: str | os.PathLike[str], field: str | None = "blocks") -> dict[int, dict[int, object]]:
+    """A recording probe's files as {rank: {step: record[field]}} (``RecordBlocks``: the
+    blocks; ``RecordSchedulers``: ``field=None``, the whole record), the last record of each
+    step winning."""
     out: dict[int, dict[int, list[str]]] = {}
     for path in sorted(Path(directory).glob("rank*.jsonl")):
         rank = int(path.stem.removeprefix("rank"))
         steps = out.setdefault(rank, {})
         for line in path.read_text().splitlines():
             record = json.loads(line)
-            steps[record["step"]] = record["blocks"]
+            steps[record["step"]] = record if field is None else record[field]
     return out
+
+
+@dataclass(frozen=True)
+class RecordSchedulers:
+    """Append, per rank, one JSON line per step to ``<directory>/rank<r>.jsonl``: the CPU
+    scheduling policy of the training thread, those of this worker's threads and of the
+    threads of each other process under ``driver_pid`` (the driver that started the local
+    Ray), by process name: ``{"step": s, "training_thread": "other", "worker": ["idle",
+    "other"], "ray": {"gcs_server": ["idle"], ...}}``. What
+    scaling.local_ray_idle_priority does, seen from inside the run (train/background.py)."""
+
+    directory: str
+    driver_pid: int
+
+    def after_step(self, rank: int, step: int, micro_batches: list[dict[str, torch.Tensor]]) -> None:
+        import psutil
+
+        others: dict[str, set[str]] = {}
+        for proc in psutil.Process(self.driver_pid).children(recursive=True):
+            if proc.pid == os.getpid():
+                continue
+            try:
+                name = proc.name()
+            except psutil.Error:
+                continue
+            others.setdefault(name, set()).update(_policies(proc.pid))
+        record = {"step": step, "training_thread": _policy(threading.get_native_id()),
+                  "worker": sorted(_policies(os.getpid())),
+                  "ray": {k: sorted(v) for k, v in others.items() if v}}
+        path = Path(self.directory) / f"rank{rank}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _policy(tid: int) -> str | None:
+    """Thread ``tid``'s scheduling policy: "other", "idle", "batch", ...; None if it ended."""
+    names = {getattr(os, n): n.removeprefix("SCHED_").lower() for n in dir(os) if n.startswith("SCHED_")
+             and n != "SCHED_RESET_ON_FORK" and isinstance(getattr(os, n), int)}
+    try:
+        return names.get(os.sched_getscheduler(tid), "?")
+    except OSError:
+        return None
+
+
+def _policies(pid: int) -> set[str]:
+    """The scheduling policies of process ``pid``'s threads."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return set()
+    return {p for p in (_policy(int(t)) for t in tids) if p is not None}

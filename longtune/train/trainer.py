@@ -33,6 +33,9 @@ class DriverSetup:
     ray: Any  # the ray module, initialised
     use_gpu: bool
     storage: str  # where Ray Train (and Ray Tune) persist runs: absolute local path or URI
+    # this driver's pid when it started the local Ray and its processes yield the CPU to the
+    # workers while they train (scaling.local_ray_idle_priority; trials get it from the driver)
+    local_ray_driver: int | None = None
 
 
 def setup_driver(config: Config) -> DriverSetup:
@@ -53,7 +56,7 @@ def setup_driver(config: Config) -> DriverSetup:
     ray = init_ray(config, idle_workers=tasks_while_training(config))
     use_gpu = use_gpu_for(config, ray)
     _check_resources(config, ray, use_gpu)
-    return DriverSetup(path, ray, use_gpu, _storage_path(config.train.storage_path, ray))
+    return DriverSetup(path, ray, use_gpu, _storage_path(config.train.storage_path, ray), _local_ray_driver(config))
 
 
 def tasks_while_training(config: Config) -> bool:
@@ -112,6 +115,7 @@ def build_trainer(
         run_id=tracker.run_id if tracker else None,
         probes=tuple(probes),
         prepared=prepared,
+        local_ray_driver=setup.local_ray_driver if s.local_ray_idle_priority else None,
     )
     return TorchTrainer(
         train_loop,
@@ -130,6 +134,16 @@ def build_trainer(
         datasets=ray_datasets or None,
         dataset_config=ingest_config(s.sequence_parallel),
     )
+
+
+def _local_ray_driver(config: Config) -> int | None:
+    """This process's pid when it started the local Ray the run trains on and its processes
+    are to yield the CPU to training (scaling.local_ray_idle_priority); else None."""
+    from longtune.train import background
+
+    if not (config.scaling.local_ray_idle_priority and background.supported()):
+        return None
+    return os.getpid() if background.started_local_ray() else None
 
 
 def train_logging() -> dict:

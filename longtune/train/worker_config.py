@@ -21,3 +21,6 @@ class WorkerConfig:
     # datasets the workers read themselves (data.prepared_reader: workers), by name; the
     # others come through Ray Train's get_dataset_shard
     prepared: dict[str, PreparedSplit] = field(default_factory=dict)
+    # the pid of the driver that started this local Ray, when its own processes go to idle
+    # CPU priority while the workers train (scaling.local_ray_idle_priority, train/background.py)
+    local_ray_driver: int | None = None

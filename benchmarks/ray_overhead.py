@@ -240,9 +240,14 @@ def ray_train_loop(model_dir: str, settings: list[str], prepared: Path, steps: i
         torch.set_num_threads(int(config.scaling.cpus_per_worker))  # as train_loop does
         out.write_text(json.dumps(plain_loop(model_dir, settings, prepared, steps, log_every)))
 
+    from longtune.train.host_memory import worker_env_vars
+
     TorchTrainer(train_fn, scaling_config=ScalingConfig(
         num_workers=1, resources_per_worker={"CPU": config.scaling.cpus_per_worker}),
-        run_config=RunConfig(name=f"ray-train-only-{os.getpid()}", storage_path=str(out.parent))).fit()
+        run_config=RunConfig(name=f"ray-train-only-{os.getpid()}", storage_path=str(out.parent),
+                             # the job's worker environment (one malloc arena, train/host_memory.py)
+                             worker_runtime_env={"env_vars": worker_env_vars(config.train.retain_host_memory, False)})
+                 ).fit()
     return json.loads(out.read_text())
 
 

@@ -76,7 +76,7 @@ def test_a_run_checkpoints_tracks_resumes_exactly_and_survives_a_killed_worker(r
     from longtune.finetune import finetune
     from longtune.tracking import read_table
     from longtune.train import background
-    from longtune.train.probes import KillOnce, RecordBlocks, RecordSchedulers, read_records
+    from longtune.train.probes import KillOnce, RecordBlocks, RecordWorkerSetup, read_records
 
     def launch(name, steps, *extra, probes=()):
         # small packing batches: many bundles from parallel tasks, finishing in any order
@@ -131,14 +131,14 @@ def test_a_run_checkpoints_tracks_resumes_exactly_and_survives_a_killed_worker(r
 
     # ------------------------------------------------ 2. relaunched to 8 steps, a worker killed after step 7
     marker = tmp_path / "killed"
-    schedulers = tmp_path / "schedulers"
+    setups = tmp_path / "worker_setup"
     _, resumed = launch("resumed", 8, "train.max_failures=1", probes=(
-        KillOnce(step=7, rank=1, marker=str(marker)), RecordSchedulers(str(schedulers), os.getpid())))
+        KillOnce(step=7, rank=1, marker=str(marker)), RecordWorkerSetup(str(setups), os.getpid())))
     assert marker.read_text() == "7"  # the worker really died at step 7
     # scaling.local_ray_idle_priority: while the workers train, the local Ray's own processes
     # run at idle priority and the workers at normal priority, the restarted workers too
     # (forked by the lowered raylet, they take normal priority back: this test runs as root)
-    policies = read_records(schedulers, field=None)
+    policies = read_records(setups, field=None)
     assert sorted(policies) == [0, 1] and sorted(policies[0]) == [5, 6, 7, 8]
     for rank, steps in policies.items():
         for step, record in steps.items():
@@ -148,6 +148,8 @@ def test_a_run_checkpoints_tracks_resumes_exactly_and_survives_a_killed_worker(r
             assert record["ray"]["gcs_server"] == ["idle"], (rank, step, record)
             if background.may_raise_priority():
                 assert record["ray"]["raylet"] == ["idle"], (rank, step, record)
+            # train.retain_host_memory: a CPU worker's threads share glibc's main arena
+            assert record["malloc_arena_max"] == "1", (rank, step, record)
     assert resumed.metrics["step"] == 8
     client, second = mlflow_run(tmp_path, resumed.mlflow_run_id)
     assert second.info.status == "FINISHED"

@@ -44,7 +44,7 @@ def train_loop(worker: WorkerConfig) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()  # this worker's own GPU (not always cuda:0), or the CPU
     torch.manual_seed(t.seed)
-    if t.retain_host_memory:
+    if t.retain_host_memory and device.type == "cpu":
         retain_freed_memory()  # before the model's first allocation (train/host_memory.py)
     if device.type != "cuda":
         torch.set_num_threads(max(1, worker.threads_per_worker))

@@ -63,7 +63,7 @@ class KillOnce:
 
 def read_records(directory: str | os.PathLike[str], field: str | None = "blocks") -> dict[int, dict[int, object]]:
     """A recording probe's files as {rank: {step: record[field]}} (``RecordBlocks``: the
-    blocks; ``RecordSchedulers``: ``field=None``, the whole record), the last record of each
+    blocks; ``RecordWorkerSetup``: ``field=None``, the whole record), the last record of each
     step winning."""
     out: dict[int, dict[int, list[str]]] = {}
     for path in sorted(Path(directory).glob("rank*.jsonl")):
@@ -76,13 +76,15 @@ def read_records(directory: str | os.PathLike[str], field: str | None = "blocks"
 
 
 @dataclass(frozen=True)
-class RecordSchedulers:
+class RecordWorkerSetup:
     """Append, per rank, one JSON line per step to ``<directory>/rank<r>.jsonl``: the CPU
     scheduling policy of the training thread, those of this worker's threads and of the
     threads of each other process under ``driver_pid`` (the driver that started the local
-    Ray), by process name: ``{"step": s, "training_thread": "other", "worker": ["idle",
-    "other"], "ray": {"gcs_server": ["idle"], ...}}``. What
-    scaling.local_ray_idle_priority does, seen from inside the run (train/background.py)."""
+    Ray), by process name, and the worker's malloc arena limit: ``{"step": s,
+    "training_thread": "other", "worker": ["idle", "other"], "ray": {"gcs_server": ["idle"],
+    ...}, "malloc_arena_max": "1"}``. What scaling.local_ray_idle_priority
+    (train/background.py) and train.retain_host_memory (train/host_memory.py) do, seen from
+    inside the run."""
 
     directory: str
     driver_pid: int
@@ -101,7 +103,8 @@ class RecordSchedulers:
             others.setdefault(name, set()).update(_policies(proc.pid))
         record = {"step": step, "training_thread": _policy(threading.get_native_id()),
                   "worker": sorted(_policies(os.getpid())),
-                  "ray": {k: sorted(v) for k, v in others.items() if v}}
+                  "ray": {k: sorted(v) for k, v in others.items() if v},
+                  "malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX")}
         path = Path(self.directory) / f"rank{rank}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as f:

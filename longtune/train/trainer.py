@@ -97,6 +97,7 @@ def build_trainer(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from longtune.train.host_memory import worker_env_vars
     from longtune.train.loop import train_loop
     from longtune.train.worker_config import WorkerConfig
 
@@ -129,6 +130,9 @@ def build_trainer(
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             callbacks=callbacks,
+            # one malloc arena in a CPU worker: its training thread's buffers stay in the heap
+            # from step to step (train/host_memory.py)
+            worker_runtime_env={"env_vars": worker_env_vars(t.retain_host_memory, setup.use_gpu)},
             **train_logging(),
         ),
         datasets=ray_datasets or None,

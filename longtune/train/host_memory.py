@@ -15,10 +15,11 @@ again at the next step: 150-300k minor faults a step at 8192 tokens. So, in each
   malloc, before that function runs: only the environment glibc reads at start-up reaches it.
   A thread's own arena cannot hold a buffer over 64 MiB and maps it whatever M_MMAP_MAX says.
 
-Measured on a 2-core machine (8192 tokens, S2-Attn, the plain loop, three interleaved rounds,
-each in a fresh process; README: "Ray's overhead"): in a thread 2.688 s a step with the
-previous thresholds (mmap 32 MiB, trim 1 GiB) and 255-299k minor faults, 2.318 s (-13.8%) and
-33-35k with both of the above; in the main thread 2.582 s and 2.295 s (-11.1%).
+Measured on a 2-core machine (8192 tokens, S2-Attn, the plain loop, each case in a fresh
+process, medians of two alternating rounds: benchmarks/host_memory.py; README: "Ray's
+overhead"): in a thread 2.525 s a step and 270k minor faults with glibc's defaults, 2.358 s
+(-6.6%) and 33k with both of the above; in the main thread 2.445 s and 2.241 s (-8.3%). The
+finetune job: 3.246 s a step with glibc's defaults, 2.686 s.
 
 The cost: freed memory stays in the process (up to the trim threshold at the top, and all of
 it inside the heap), so the resident set keeps nearer the step's peak between steps; threads

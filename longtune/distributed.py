@@ -52,6 +52,18 @@ def summed(values: Sequence[float], device: torch.device | str) -> torch.Tensor:
     return tensor
 
 
+def gathered_ints(value: int, device: torch.device | str) -> list[int]:
+    """Every rank's ``value``, in rank order (one int64 tensor of shape [1] a rank, on
+    ``device``); ``[value]`` without a process group."""
+    if not is_distributed():
+        return [int(value)]
+    mine = torch.tensor([int(value)], dtype=torch.int64, device=device)
+    _check_device(mine, device)
+    out = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, mine)
+    return [int(v) for v in torch.cat(out).tolist()]
+
+
 def broadcast_(tensor: torch.Tensor, device: torch.device | str, src: int = 0, group=None) -> torch.Tensor:
     """Overwrite ``tensor`` (in place, already on ``device``) with rank ``src``'s copy (``src``
     a global rank; ``group``: the ranks taking part, None = all)."""

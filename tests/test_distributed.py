@@ -20,7 +20,7 @@ COLLECTIVES = {
     "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "reduce",
     "reduce_scatter", "reduce_scatter_tensor", "broadcast", "broadcast_object_list", "gather",
     "scatter", "all_to_all", "all_to_all_single", "send", "recv", "isend", "irecv",
-    "batch_isend_irecv", "P2POp",
+    "batch_isend_irecv", "P2POp", "all_gather_single",
 }
 
 
@@ -97,4 +97,5 @@ def test_a_tensor_off_the_workers_device_is_refused_with_the_reason(recorded):
 
 def test_without_a_process_group_values_pass_through():
     assert distributed.all_reduce_sum([3, 4.5], "cpu") == [3.0, 4.5]
+    assert distributed.gathered_ints(41, "cpu") == [41]
     assert distributed.world_size() == 1

@@ -49,7 +49,7 @@ def train_loop(worker: WorkerConfig) -> None:
     if device.type != "cuda":
         torch.set_num_threads(max(1, worker.threads_per_worker))
     if worker.local_ray_driver is not None and device.type == "cpu":  # measured there, gloo
-        _yield_local_ray(worker.local_ray_driver, ctx.get_local_rank(), rank)
+        _yield_local_ray(worker.local_ray_driver, ctx.get_local_rank(), rank, device)
 
     # ---------------------------------------------------------------- model, optimizer
     precision = resolve_precision(config.model, t, device.type)
@@ -181,13 +181,14 @@ def _tracked(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if k != "step" and not (k == "epoch" and v == 0)}
 
 
-def _yield_local_ray(driver_pid: int, local_rank: int, rank: int) -> None:
+def _yield_local_ray(driver_pid: int, local_rank: int, rank: int, device: torch.device) -> None:
     """Every worker takes back normal priority if it inherited idle priority from a lowered
     raylet (a restarted worker) and moves its own Ray threads to idle priority; the first
     worker then moves the local Ray's own processes, all but the training workers, there
     too (train/background.py)."""
     import os
 
+    from longtune.distributed import gathered_ints
     from longtune.runtime import verbose
     from longtune.train import background
 
@@ -195,10 +196,7 @@ def _yield_local_ray(driver_pid: int, local_rank: int, rank: int) -> None:
         print(f"[longtune] worker {rank} runs at idle CPU priority, inherited from the local Ray's "
               "raylet, and may not raise it (needs root or CAP_SYS_NICE): it yields to every other "
               "process on this machine; set scaling.local_ray_idle_priority=false to avoid it")
-    workers = [os.getpid()]
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        workers = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(workers, os.getpid())
+    workers = gathered_ints(os.getpid(), device)
     own = background.lower_own_ray_threads()
     if local_rank == 0:
         lowered = background.lower_local_ray(driver_pid, workers)

@@ -83,7 +83,7 @@ def restore_own_priority() -> bool:
     if not supported():
         return True
     restored = True
-    for tid in _threads(os.getpid()):
+    for tid in threads(os.getpid()):
         try:
             if os.sched_getscheduler(tid) == os.SCHED_IDLE:
                 os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
@@ -116,7 +116,7 @@ def lower_local_ray(driver_pid: int, keep: Collection[int]) -> Lowered:
         if proc.pid in keep or name.startswith(_WORKER) or (name == "raylet" and not lower_raylet):
             continue
         lowered = 0
-        for tid in _threads(proc.pid):
+        for tid in threads(proc.pid):
             if tid == driver_pid:  # the driver's main thread
                 continue
             try:
@@ -144,7 +144,7 @@ def lower_own_ray_threads() -> int:
     me = threading.get_native_id()
     mine = _comm(os.getpid(), me)
     count = 0
-    for tid in _threads(os.getpid()):
+    for tid in threads(os.getpid()):
         name = _comm(os.getpid(), tid)
         if tid == me or name in (mine, None) or name.startswith(_STEP_THREADS):
             continue
@@ -164,7 +164,8 @@ def _comm(pid: int, tid: int) -> str | None:
         return None
 
 
-def _threads(pid: int) -> list[int]:
+def threads(pid: int) -> list[int]:
+    """The thread ids of process ``pid``; none once it has ended."""
     try:
         return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
     except OSError:

@@ -111,20 +111,21 @@ class RecordWorkerSetup:
             f.write(json.dumps(record) + "\n")
 
 
+# os.SCHED_* values by name: 0 "other", 3 "batch", 5 "idle", ...
+_POLICY_NAMES = {getattr(os, n): n.removeprefix("SCHED_").lower() for n in dir(os)
+                 if n.startswith("SCHED_") and n != "SCHED_RESET_ON_FORK" and isinstance(getattr(os, n), int)}
+
+
 def _policy(tid: int) -> str | None:
     """Thread ``tid``'s scheduling policy: "other", "idle", "batch", ...; None if it ended."""
-    names = {getattr(os, n): n.removeprefix("SCHED_").lower() for n in dir(os) if n.startswith("SCHED_")
-             and n != "SCHED_RESET_ON_FORK" and isinstance(getattr(os, n), int)}
     try:
-        return names.get(os.sched_getscheduler(tid), "?")
+        return _POLICY_NAMES.get(os.sched_getscheduler(tid), "?")
     except OSError:
         return None
 
 
 def _policies(pid: int) -> set[str]:
     """The scheduling policies of process ``pid``'s threads."""
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return set()
-    return {p for p in (_policy(int(t)) for t in tids) if p is not None}
+    from longtune.train.background import threads
+
+    return {p for p in (_policy(t) for t in threads(pid)) if p is not None}

@@ -1,5 +1,5 @@
 """What Ray costs a user: the `longtune finetune` job against the same steps on the same blocks
-in a plain loop in one process.
+in a plain loop in a process of its own.
 
     python benchmarks/ray_overhead.py                            # 8192 tokens, S2-Attn and full
     python benchmarks/ray_overhead.py --context 2048 --attention s2 --steps 24
@@ -14,8 +14,10 @@ packed, positions restarting at each). Its step time is what it logs to MLflow
 excluded, as the loop excludes them), the first window left out as warm-up. The plain loop
 runs the loop's own functions (build_model, build_loss, build_optimizer, optimizer_step) on
 the first ``--steps`` blocks of the same parquet files in the same order, with the same
-threads, its first window left out alike. The two alternate ``--passes`` times, so a slower
-minute of the machine slows both; the overhead is the median of the per-pass ratios.
+threads, its first window left out alike, in a fresh process each pass as the job's worker is
+(in the benchmark's own process a later pass would run on the heap the earlier ones grew).
+The two alternate ``--passes`` times, so a slower minute of the machine slows both; the
+overhead is the median of the per-pass ratios.
 
 Between the two, ``--ray-train`` runs the plain loop inside a bare TorchTrainer (one worker
 with the same CPUs, the blocks read from the parquet files by the worker itself: no Ray Data,
@@ -23,8 +25,9 @@ no longtune loop, no MLflow), which says how much of the job's cost is Ray Train
 alone; ``--dashboard`` adds a job run with scaling.local_dashboard=true, the dashboard's cost;
 ``--ray-data`` one with data.prepared_reader=ray_data (Ray Data's streaming split feeds the
 worker, as before that setting); ``--normal-priority`` one with
-scaling.local_ray_idle_priority=false (Ray's own processes at normal CPU priority); ``--default-malloc`` one with train.retain_host_memory=false, glibc's own thresholds (the plain
-loop and the bare TorchTrainer follow train.retain_host_memory, as the job's worker does).
+scaling.local_ray_idle_priority=false (Ray's own processes at normal CPU priority);
+``--default-malloc`` one with train.retain_host_memory=false, glibc's own thresholds (the
+plain loop and the bare TorchTrainer follow train.retain_host_memory, as the job's worker does).
 
 While the job trains, the CPU seconds of every other process of the machine's user (the Ray
 head's processes, the driver, the worker's own non-torch threads) are sampled, to say where a
@@ -225,7 +228,7 @@ def plain_loop(model_dir: str, settings: list[str], prepared: Path, steps: int, 
 def ray_train_loop(model_dir: str, settings: list[str], prepared: Path, steps: int, log_every: int) -> dict:
     """``plain_loop`` inside a bare TorchTrainer (one worker, the job's CPUs, the local Ray
     the job would start): Ray Train's processes without Ray Data, longtune's loop or MLflow.
-    Run in a fresh process (``--_ray-train-only``), so that no Ray outlives it."""
+    Run in a fresh process (``--_only ray_train``), so that no Ray outlives it."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -273,14 +276,16 @@ def main() -> None:
     p.add_argument("--default-malloc", action="store_true",
                    help="also the job with train.retain_host_memory=false (glibc's own malloc thresholds)")
     p.add_argument("--out", default="benchmarks/results/ray_overhead.json")
-    p.add_argument("--_ray-train-only", nargs=3, metavar=("MODEL", "PREPARED", "ATTENTION"), help=argparse.SUPPRESS)
+    # the measurement modes the plain loop and --ray-train run in, each in a fresh process
+    p.add_argument("--_only", nargs=4, metavar=("RUN", "MODEL", "PREPARED", "ATTENTION"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.steps < 2 * args.log_every:
         p.error(f"--steps ({args.steps}) must be at least 2 x --log-every ({args.log_every}): the first window is warm-up")
-    if args._ray_train_only:  # the measurement mode --ray-train runs in a fresh process
-        model_dir, prepared, attention = args._ray_train_only
+    if args._only:
+        run, model_dir, prepared, attention = args._only
         settings = job_settings(model_dir, args.context, attention, args.steps, args.log_every)
-        print(json.dumps(ray_train_loop(model_dir, settings, Path(prepared), args.steps, args.log_every)))
+        measure = {"plain": plain_loop, "ray_train": ray_train_loop}[run]
+        print(json.dumps(measure(model_dir, settings, Path(prepared), args.steps, args.log_every)))
         return
 
     tmp = Path(tempfile.mkdtemp(prefix="longtune-ray-overhead-"))
@@ -300,12 +305,10 @@ def main() -> None:
         results: dict[str, list[dict]] = {r: [] for r in runs}
         for i in range(args.passes):
             for run in runs:  # one after the other, so a slower minute of the machine slows them all
-                if run == "plain":
-                    result = plain_loop(model_dir, settings, prepared, args.steps, args.log_every)
-                elif run == "ray_train":
+                if run in ("plain", "ray_train"):  # a fresh process, as the job's worker is
                     line = subprocess.run(
                         [sys.executable, __file__, "--context", str(args.context), "--steps", str(args.steps),
-                         "--log-every", str(args.log_every), "--_ray-train-only", model_dir, str(prepared), attention],
+                         "--log-every", str(args.log_every), "--_only", run, model_dir, str(prepared), attention],
                         cwd=ROOT, check=True, capture_output=True, text=True,
                         env={**os.environ, "PYTHONWARNINGS": "ignore"}).stdout.strip().splitlines()[-1]
                     result = json.loads(line)
